@@ -1,0 +1,646 @@
+"""FP8 (e4m3) rowwise quantization kernels for the Hopper FP8 experts path.
+
+Every GEMM of ``moeq.quant.fp8_hopper`` runs through ``torch._scaled_grouped_mm`` with one
+float32 scale per row of each operand along the contraction dim. The operands come from four
+sources, each quantized in two directions at once ("dual" quantization):
+
+* a 2D activation ``x`` (M, K) grouped in expert order by ``offs``: the **row** copy (M, K),
+  one scale per row (contraction over K: forward / dgrad GEMMs), and the **column** copy
+  stored transposed (K, M), one scale per (group, column) along the group's tokens
+  (contraction over tokens: the 2D x 2D weight-gradient GEMM);
+* a 3D weight ``w`` (E, N, K): the row copy (E, N, K) with scales (E, N) along K and the
+  transposed copy (E, K, N) with scales (E, K) along N: the same math with uniform groups of
+  N rows, so it shares the kernels;
+* SwiGLU forward: ``h = silu(g) * u`` computed on the fly from ``gate_up`` (M, 2H), never
+  written in bf16;
+* SwiGLU backward: ``d(gate_up)`` computed on the fly from ``gate_up`` and ``grad_h``.
+
+Numerics (shared by the kernels and the plain-torch references, tested bitwise):
+``amax`` in float32 (NaN counts as +inf so it is caught, never silently dropped), clamped
+below at ``EPS``; ``scale = 2**floor(log2(448 / amax))`` (a power of two, so dequantizing is
+exact); ``q = e4m3(clamp(v * scale, -448, 448))`` rounded to nearest-even; the GEMM gets the
+reciprocal ``1 / scale``. The kernels round to the e4m3 grid by hand before the cast so that
+Triton's interpreter (whose float8 cast does not round ties to even) and the GPU agree.
+
+Each dual quantization is two passes over the source: pass A reads it once for the row amax
+(complete per program, the full row is looped over) and the per-group column amax (16-row
+sub-blocks lie inside one group because groups start at multiples of
+``GROUP_ALIGNMENT[FP8]``; merged across programs with float atomic max, which is
+order-independent, so results are deterministic); pass B reads it again and writes both
+quantized copies. Bytes: 2 + 2 read, 1 + 1 written per element of a bf16 source.
+
+Rows past ``offs[-1]`` (slack) are in no group: their row copy is quantized like any row and
+their entries of the column copy are zero.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn
+EPS = 1e-12  # amax floor: an all-zero row gets a finite (huge) scale
+ALIGN = GROUP_ALIGNMENT[QuantizationType.FP8]
+
+# Source modes of the two passes.
+MODE_PLAIN = 0  # the source itself
+MODE_SWIGLU = 1  # h = silu(gate) * up from gate_up (M, 2H)
+MODE_SWIGLU_BWD = 2  # [d gate | d up] from gate_up (M, 2H) and grad_h (M, H)
+
+
+class Fp8Dual(NamedTuple):
+    """Both quantized copies of one operand (unused ones are empty tensors).
+
+    row: (M, K) e4m3, row-major; row_inv: (M,) float32, ``1 / scale`` per row.
+    col: (K, M) e4m3, row-major view (its storage row stride is M rounded up to 16 for
+        activations); ``col.t()`` is the (M, K) column-major operand of the 2D x 2D GEMM.
+        For a 3D weight (E, N, K): (E, K, N) contiguous, and ``col.transpose(-2, -1)`` is
+        the column-major (E, N, K) dgrad operand.
+    col_inv: (E, K) float32, ``1 / scale`` per (group, column).
+    offs_ok: (1,) int32, 1 when ``offs`` was a valid layout (non-decreasing, multiples of
+        ``GROUP_ALIGNMENT[FP8]``, last <= M), else 0; checked on device by the caller with
+        ``torch._assert_async``. None for weights and references.
+    """
+
+    row: torch.Tensor
+    row_inv: torch.Tensor
+    col: torch.Tensor
+    col_inv: torch.Tensor
+    offs_ok: Optional[torch.Tensor] = None
+
+
+# --------------------------------------------------------------------------------------
+# Plain-torch references (the numerics contract; the kernels match them bitwise)
+# --------------------------------------------------------------------------------------
+
+
+def pow2_scale_reference(amax: torch.Tensor):
+    """float32 amax (any shape, >= 0) -> (scale, 1 / scale), float32 powers of two.
+
+    ``scale = 2**floor(log2(448 / max(amax, EPS)))``, the floor taken exactly on the
+    exponent bits of the float32 quotient.
+    """
+    amax = amax.float()
+    r = FP8_MAX / amax.clamp(min=EPS)
+    scale = (r.view(torch.int32) & 0x7F800000).view(torch.float32)
+    # a non-finite amax (Inf/NaN in the data) poisons the dequant scale: the GEMM output
+    # turns NaN instead of silently finite
+    inv = torch.where(torch.isfinite(amax), 1.0 / scale, torch.full_like(scale, float("nan")))
+    return scale, inv
+
+
+def _cast_reference(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (v.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _amax(v: torch.Tensor, dim) -> torch.Tensor:
+    a = v.float().abs()
+    a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
+    return a.amax(dim=dim) if a.numel() else a.sum(dim=dim)
+
+
+def quantize_rowwise_reference(v: torch.Tensor):
+    """(..., K) -> (e4m3 (..., K), inv_scale (...,) float32): one scale per row along K."""
+    scale, inv = pow2_scale_reference(_amax(v, -1))
+    return _cast_reference(v, scale[..., None]), inv
+
+
+def group_ids_reference(offs: torch.Tensor, m: int) -> torch.Tensor:
+    """(E,) int32 cumulative ends -> (m,) int64 group of each row; E for slack rows."""
+    rows = torch.arange(m, device=offs.device)
+    return (offs.long()[None, :] <= rows[:, None]).sum(1)
+
+
+def quantize_colwise_grouped_reference(v: torch.Tensor, offs: torch.Tensor):
+    """(M, K) grouped by ``offs`` -> (col (K, M) e4m3, col_inv (E, K) float32).
+
+    One scale per (group, column) along the group's rows; slack rows are zero in ``col``.
+    An empty group gets the scale of amax 0.
+    """
+    m, k = v.shape
+    e = offs.numel()
+    gid = group_ids_reference(offs, m)
+    a = v.float().abs()
+    a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
+    amax = torch.zeros(e + 1, k, dtype=torch.float32, device=v.device)
+    amax = amax.scatter_reduce(0, gid[:, None].expand(m, k), a, "amax", include_self=True)[:e]
+    scale, inv = pow2_scale_reference(amax)
+    scale_rows = torch.cat([scale, torch.zeros_like(scale[:1])])[gid]  # slack rows -> 0
+    col = _cast_reference(v, scale_rows)
+    return col.t().contiguous(), inv
+
+
+def quantize_dual_reference(v: torch.Tensor, offs: torch.Tensor) -> Fp8Dual:
+    """Both copies of a 2D grouped activation: see ``Fp8Dual``."""
+    row, row_inv = quantize_rowwise_reference(v)
+    col, col_inv = quantize_colwise_grouped_reference(v, offs)
+    return Fp8Dual(row, row_inv, col, col_inv)
+
+
+def quantize_weight_reference(w: torch.Tensor) -> Fp8Dual:
+    """(E, N, K) weight -> row (E, N, K) + row_inv (E, N) along K, col (E, K, N) + col_inv (E, K) along N."""
+    row, row_inv = quantize_rowwise_reference(w)
+    colt, col_inv = quantize_rowwise_reference(w.transpose(-2, -1))
+    return Fp8Dual(row, row_inv, colt.contiguous(), col_inv)
+
+
+def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """float32 ``silu(gate) * up`` of (M, 2H) gate_up, in the kernels' formula."""
+    h = gate_up.shape[-1] // 2
+    g, u = gate_up[..., :h].float(), gate_up[..., h:].float()
+    return g * (1.0 / (1.0 + torch.exp(-g))) * u
+
+
+def swiglu_backward_reference(gate_up: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
+    """float32 (M, 2H) gradient of ``silu(gate) * up`` wrt gate_up given grad_h (M, H)."""
+    h = gate_up.shape[-1] // 2
+    g, u, gh = gate_up[..., :h].float(), gate_up[..., h:].float(), grad_h.float()
+    sig = 1.0 / (1.0 + torch.exp(-g))
+    dgate = gh * u * (sig * (1.0 + g * (1.0 - sig)))
+    dup = gh * (g * sig)
+    return torch.cat([dgate, dup], -1)
+
+
+def swiglu_quantize_reference(gate_up: torch.Tensor, offs: torch.Tensor) -> Fp8Dual:
+    """Both copies of ``h = silu(gate) * up`` (M, H), h computed in float32."""
+    return quantize_dual_reference(swiglu_reference(gate_up), offs)
+
+
+def swiglu_backward_quantize_reference(gate_up: torch.Tensor, grad_h: torch.Tensor, offs: torch.Tensor) -> Fp8Dual:
+    """Both copies of d(gate_up) (M, 2H), computed in float32."""
+    return quantize_dual_reference(swiglu_backward_reference(gate_up, grad_h), offs)
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton ships with torch on Linux x86-64
+    HAS_TRITON = False
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _scale_exponent(amax):
+        # Biased float32 exponent of 2**floor(log2(448 / max(amax, EPS))), from amax's bits:
+        # amax = 2**(e-127) * (1 + m), 448 = 2**8 * 1.75, so the quotient's exponent is
+        # 8 - (e - 127), one less when 1 + m > 1.75. Equals the reference's rounded float32
+        # division followed by an exponent mask (the rounding never reaches the next power).
+        a = tl.maximum(amax, 1e-12)
+        b = a.to(tl.int32, bitcast=True)
+        e = (b >> 23) & 0xFF
+        return 262 - e - ((b & 0x7FFFFF) > 0x600000).to(tl.int32)
+
+    @triton.jit
+    def _exp2_from_biased(f):
+        return (f << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _inv_scale(amax):
+        # 1 / scale, NaN where amax is +inf (a NaN or Inf in the data): see pow2_scale_reference
+        return tl.where(amax < float("inf"), _exp2_from_biased(254 - _scale_exponent(amax)), float("nan"))
+
+    @triton.jit
+    def _to_e4m3(v):
+        # v is already scaled: |v| <= 448. Round to the e4m3 grid (nearest, ties to even) in
+        # float32 so the final cast is exact on every backend.
+        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+        bits = v.to(tl.int32, bitcast=True)
+        sign = bits & -2147483648  # 0x80000000
+        mag = bits & 0x7FFFFFFF
+        # normals (|v| >= 2**-6): keep 3 mantissa bits
+        rn = (mag + 0x7FFFF + ((mag >> 20) & 1)) & 0x7FF00000
+        # subnormals: multiples of 2**-9; (t + 2**23) - 2**23 rounds t to an integer, ties even
+        a = mag.to(tl.float32, bitcast=True)
+        t = a * 512.0
+        t = (t + 8388608.0) - 8388608.0
+        sub = (t * 0.001953125).to(tl.int32, bitcast=True)
+        r = tl.where(mag >= 0x3C800000, rn, sub) | sign
+        return r.to(tl.float32, bitcast=True).to(tl.float8e4nv)
+
+    @triton.jit
+    def _abs_nan_inf(v):
+        # |v| with NaN -> +inf so that a NaN makes the amax non-finite (tl.max drops NaNs)
+        return tl.where(v == v, tl.abs(v), float("inf"))
+
+    @triton.jit
+    def _load_source(src_ptr, aux_ptr, rows, cols, mask, stride_src, stride_aux, H: tl.constexpr, MODE: tl.constexpr):
+        # (BM, BK) float32 tiles of the source at source columns ``cols``; the second tile
+        # is the "up" half of the output in MODE_SWIGLU_BWD (zeros otherwise).
+        r = rows.to(tl.int64)[:, None]
+        c = cols[None, :]
+        if MODE == 0:
+            v0 = tl.load(src_ptr + r * stride_src + c, mask=mask, other=0.0).to(tl.float32)
+            v1 = v0
+        else:
+            g = tl.load(src_ptr + r * stride_src + c, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(src_ptr + r * stride_src + H + c, mask=mask, other=0.0).to(tl.float32)
+            sig = 1.0 / (1.0 + tl.exp(-g))
+            if MODE == 1:
+                v0 = g * sig * u
+                v1 = v0
+            else:
+                gh = tl.load(aux_ptr + r * stride_aux + c, mask=mask, other=0.0).to(tl.float32)
+                v0 = gh * u * (sig * (1.0 + g * (1.0 - sig)))
+                v1 = gh * (g * sig)
+        return v0, v1
+
+    @triton.jit
+    def _group_of_subblocks(offs_ptr, r0, E: tl.constexpr, GROUP_ROWS, NSUB: tl.constexpr, SUB: tl.constexpr,
+                            EB: tl.constexpr, UNIFORM: tl.constexpr):
+        # Group id (E for slack) of each SUB-row sub-block starting at row r0: (NSUB,) int32.
+        starts = r0 + tl.arange(0, NSUB) * SUB
+        if UNIFORM:
+            g = starts // GROUP_ROWS
+        else:
+            eo = tl.arange(0, EB)
+            ends = tl.load(offs_ptr + eo, mask=eo < E, other=2147483647)
+            g = tl.sum((ends[None, :] <= starts[:, None]).to(tl.int32), axis=1)
+        return g
+
+    @triton.jit
+    def _amax_kernel(
+        src_ptr, aux_ptr, offs_ptr, row_amax_ptr, col_amax_ptr, ok_ptr,
+        M, GROUP_ROWS, stride_src, stride_aux,
+        KC: tl.constexpr, E: tl.constexpr, H: tl.constexpr, KO: tl.constexpr,
+        MODE: tl.constexpr, UNIFORM: tl.constexpr, WANT_ROW: tl.constexpr, WANT_COL: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr, SUB: tl.constexpr, EB: tl.constexpr,
+    ):
+        """Pass A, one (BM, BK) tile per program: atomic max into the row amax (M,) and the
+        per-group column amax (E, KO), both zero-initialized.
+
+        Program (0, 0) also writes ok_ptr[0] = 1 if ``offs`` is a valid layout
+        (non-decreasing, multiples of SUB, last <= M), else 0 (grouped mode only).
+        """
+        NSUB: tl.constexpr = BM // SUB
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        if not UNIFORM:
+            if pid_m + pid_k == 0:
+                eo = tl.arange(0, EB)
+                ends = tl.load(offs_ptr + eo, mask=eo < E, other=0)
+                prev = tl.load(offs_ptr + eo - 1, mask=(eo > 0) & (eo < E), other=0)
+                last = tl.max(tl.where(eo < E, ends, 0), axis=0)
+                bad = tl.sum(((ends < prev) | ((ends % SUB) != 0)).to(tl.int32), axis=0)
+                good = (bad == 0) & (last <= M)
+                tl.store(ok_ptr, good.to(tl.int32))
+        r0 = pid_m * BM
+        rows = r0 + tl.arange(0, BM)
+        rmask = rows < M
+        cols = pid_k * BK + tl.arange(0, BK)
+        cmask = cols < KC
+        mask = rmask[:, None] & cmask[None, :]
+        v0, v1 = _load_source(src_ptr, aux_ptr, rows, cols, mask, stride_src, stride_aux, H, MODE)
+        a0 = _abs_nan_inf(v0)
+        a1 = a0
+        row_amax = tl.max(a0, axis=1)
+        if MODE == 2:
+            a1 = _abs_nan_inf(v1)
+            row_amax = tl.maximum(row_amax, tl.max(a1, axis=1))
+        if WANT_ROW:
+            tl.atomic_max(row_amax_ptr + rows, row_amax, mask=rmask, sem="relaxed")
+        if WANT_COL:
+            gsub = _group_of_subblocks(offs_ptr, r0, E, GROUP_ROWS, NSUB, SUB, EB, UNIFORM)
+            g_first = tl.min(gsub, axis=0)
+            g_last = tl.max(gsub, axis=0)
+            if g_first == g_last:
+                # common case: the whole tile is in one group (or all slack)
+                if g_first < E:
+                    base = col_amax_ptr + g_first.to(tl.int64) * KO
+                    tl.atomic_max(base + cols, tl.max(a0, axis=0), mask=cmask, sem="relaxed")
+                    if MODE == 2:
+                        tl.atomic_max(base + H + cols, tl.max(a1, axis=0), mask=cmask, sem="relaxed")
+            else:
+                gm = (gsub < E)[:, None] & cmask[None, :]
+                ptrs = col_amax_ptr + gsub.to(tl.int64)[:, None] * KO + cols[None, :]
+                s0 = tl.max(tl.reshape(a0, (NSUB, SUB, BK)), axis=1)
+                tl.atomic_max(ptrs, s0, mask=gm, sem="relaxed")
+                if MODE == 2:
+                    s1 = tl.max(tl.reshape(a1, (NSUB, SUB, BK)), axis=1)
+                    tl.atomic_max(ptrs + H, s1, mask=gm, sem="relaxed")
+
+    @triton.jit
+    def _store_col(col_ptr, q, rows, cols, g, mask, GROUP_ROWS, stride_cg, stride_ck):
+        # Column copy element (row r, column k) lives at g*stride_cg + (r - g*GROUP_ROWS) + k*stride_ck:
+        # activations (GROUP_ROWS = stride_cg = 0): col[k, r]; weights: colT[g, k, r - g*N].
+        rr = rows.to(tl.int64) - g.to(tl.int64) * GROUP_ROWS + g.to(tl.int64) * stride_cg
+        ptrs = col_ptr + cols.to(tl.int64)[:, None] * stride_ck + rr[None, :]
+        tl.store(ptrs, tl.trans(q), mask=tl.trans(mask))
+
+    @triton.jit
+    def _cast_kernel(
+        src_ptr, aux_ptr, offs_ptr, row_amax_ptr, col_amax_ptr,
+        row_ptr, row_inv_ptr, col_ptr, col_inv_ptr,
+        M, GROUP_ROWS, stride_src, stride_aux, stride_row, stride_cg, stride_ck,
+        KC: tl.constexpr, E: tl.constexpr, H: tl.constexpr, KO: tl.constexpr,
+        MODE: tl.constexpr, UNIFORM: tl.constexpr, WANT_ROW: tl.constexpr, WANT_COL: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr, SUB: tl.constexpr, EB: tl.constexpr,
+    ):
+        """Pass B: write the row copy (M, KO) and/or the transposed column copy, plus 1/scale."""
+        NSUB: tl.constexpr = BM // SUB
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        r0 = pid_m * BM
+        rows = r0 + tl.arange(0, BM)
+        rmask = rows < M
+        cols = pid_k * BK + tl.arange(0, BK)
+        cmask = cols < KC
+        mask = rmask[:, None] & cmask[None, :]
+        v0, v1 = _load_source(src_ptr, aux_ptr, rows, cols, mask, stride_src, stride_aux, H, MODE)
+        if WANT_ROW:
+            f = _scale_exponent(tl.load(row_amax_ptr + rows, mask=rmask, other=0.0))
+            s = _exp2_from_biased(f)[:, None]
+            rp = row_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+            tl.store(rp, _to_e4m3(v0 * s), mask=mask)
+            if MODE == 2:
+                tl.store(rp + H, _to_e4m3(v1 * s), mask=mask)
+            if pid_k == 0:
+                tl.store(row_inv_ptr + rows, _inv_scale(tl.load(row_amax_ptr + rows, mask=rmask, other=0.0)), mask=rmask)
+        if WANT_COL:
+            gsub = _group_of_subblocks(offs_ptr, r0, E, GROUP_ROWS, NSUB, SUB, EB, UNIFORM)
+            in_group = gsub < E
+            gm = in_group[:, None] & cmask[None, :]
+            ap = col_amax_ptr + gsub.to(tl.int64)[:, None] * KO + cols[None, :]
+            g = tl.reshape(tl.broadcast_to(gsub[:, None], (NSUB, SUB)), (BM,))
+            ing = tl.reshape(tl.broadcast_to(in_group[:, None], (NSUB, SUB)), (BM,))
+            # slack rows: scale 0 -> zeros in the column copy
+            f0 = _scale_exponent(tl.load(ap, mask=gm, other=0.0))
+            s0 = tl.where(gm, _exp2_from_biased(f0), 0.0)
+            s0 = tl.reshape(tl.broadcast_to(s0[:, None, :], (NSUB, SUB, BK)), (BM, BK))
+            _store_col(col_ptr, _to_e4m3(v0 * s0), rows, cols, g, mask, GROUP_ROWS, stride_cg, stride_ck)
+            if MODE == 2:
+                f1 = _scale_exponent(tl.load(ap + H, mask=gm, other=0.0))
+                s1 = tl.where(gm, _exp2_from_biased(f1), 0.0)
+                s1 = tl.reshape(tl.broadcast_to(s1[:, None, :], (NSUB, SUB, BK)), (BM, BK))
+                _store_col(col_ptr, _to_e4m3(v1 * s1), rows, cols + H, g, mask, GROUP_ROWS, stride_cg, stride_ck)
+            if pid_m == 0:
+                # every group's 1/scale, empty groups included (amax 0 -> finite scale)
+                for e in range(0, E):
+                    a = tl.load(col_amax_ptr + e * KO + cols, mask=cmask, other=0.0)
+                    tl.store(col_inv_ptr + e * KO + cols, _inv_scale(a), mask=cmask)
+                    if MODE == 2:
+                        a = tl.load(col_amax_ptr + e * KO + H + cols, mask=cmask, other=0.0)
+                        tl.store(col_inv_ptr + e * KO + H + cols, _inv_scale(a), mask=cmask)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _blocks(mode: int, kc: int):
+    # (BM_A, BK_A, BM_B, BK_B, warps): 64 x 128 float32 tiles; the SwiGLU backward holds
+    # five tiles (g, u, grad_h, two outputs), so half as wide.
+    bk = 64 if mode == MODE_SWIGLU_BWD else 128
+    bk = min(bk, max(16, _next_pow2(kc)))
+    return 64, bk, 64, bk, 8
+
+
+def _dual_quantize_impl(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor], offs: Optional[torch.Tensor],
+                        num_groups: int, want_row: bool, want_col: bool):
+    """Pass A + pass B. Returns (row, row_inv, col_storage, col_inv, offs_ok).
+
+    ``offs is None`` means weight mode: ``src`` is a 3D weight flattened to (E*N, K) and the
+    groups are its E experts (uniform, N rows each); the column copy is (E, K, N). Otherwise
+    the column copy's storage is (KO, round_up(M, ALIGN)).
+    """
+    dev = src.device
+    m, width = src.shape
+    kc = width if mode == MODE_PLAIN else width // 2  # source columns walked
+    ko = 2 * kc if mode == MODE_SWIGLU_BWD else kc  # output columns
+    h = 0 if mode == MODE_PLAIN else kc  # offset of "up" in gate_up, and of d(up) in the output
+    e = num_groups
+    weight = offs is None
+    f32 = torch.float32
+    row = torch.empty((m, ko) if want_row else (0,), dtype=FP8_DTYPE, device=dev)
+    row_inv = torch.empty((m,) if want_row else (0,), dtype=f32, device=dev)
+    # one zero-filled buffer (one memset) for both atomic-max targets
+    amax = torch.zeros((m + (e * ko if want_col else 0),), dtype=f32, device=dev)
+    row_amax = amax[:m]
+    col_amax = amax[m:].view(e, ko) if want_col else amax[m:]
+    ok = torch.ones((1,), dtype=torch.int32, device=dev) if m == 0 or weight else torch.empty((1,), dtype=torch.int32, device=dev)
+    col_inv = torch.empty((e, ko) if want_col else (0,), dtype=f32, device=dev)
+    if weight:
+        n = m // e
+        col = torch.empty((e, ko, n) if want_col else (0,), dtype=FP8_DTYPE, device=dev)
+        group_rows, stride_cg, stride_ck = n, ko * n, n
+    else:
+        ldm = -(-m // ALIGN) * ALIGN
+        col = torch.empty((ko, ldm) if want_col else (0,), dtype=FP8_DTYPE, device=dev)
+        group_rows, stride_cg, stride_ck = 0, 0, ldm
+    if m == 0 or kc == 0:
+        if want_col:
+            col.zero_()
+            col_inv.copy_(pow2_scale_reference(torch.zeros((e, ko), dtype=f32, device=dev))[1])
+        if not weight:
+            ok.copy_(((offs % ALIGN == 0).all() & (offs.diff() >= 0).all() & (offs <= m).all()).to(torch.int32).reshape(1))
+        return row, row_inv, col, col_inv, ok
+    bma, bka, bmb, bkb, warps = _blocks(mode, kc)
+    offs_arg = row_amax if weight else offs  # unused pointer in weight mode
+    aux_arg = src if aux is None else aux
+    stride_aux = 0 if aux is None else aux.stride(0)
+    eb = max(16, _next_pow2(e))
+    dummy = row_amax
+    _amax_kernel[(triton.cdiv(m, bma), triton.cdiv(kc, bka))](
+        src, aux_arg, offs_arg, row_amax, col_amax if want_col else dummy, ok,
+        m, group_rows, src.stride(0), stride_aux,
+        KC=kc, E=e, H=h, KO=ko,
+        MODE=mode, UNIFORM=weight, WANT_ROW=True, WANT_COL=want_col,
+        BM=bma, BK=bka, SUB=ALIGN, EB=eb, num_warps=warps,
+    )
+    _cast_kernel[(triton.cdiv(m, bmb), triton.cdiv(kc, bkb))](
+        src, aux_arg, offs_arg, row_amax, col_amax if want_col else dummy,
+        row if want_row else dummy, row_inv if want_row else dummy,
+        col if want_col else dummy, col_inv if want_col else dummy,
+        m, group_rows, src.stride(0), stride_aux, ko, stride_cg, stride_ck,
+        KC=kc, E=e, H=h, KO=ko,
+        MODE=mode, UNIFORM=weight, WANT_ROW=want_row, WANT_COL=want_col,
+        BM=bmb, BK=bkb, SUB=ALIGN, EB=eb, num_warps=warps,
+    )
+    return row, row_inv, col, col_inv, ok
+
+
+@torch.library.custom_op("moeq::fp8_dual_quantize", mutates_args=())
+def _dual_quantize_op(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor], offs: Optional[torch.Tensor],
+                      num_groups: int, want_row: bool, want_col: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _dual_quantize_impl(mode, src, aux, offs, num_groups, want_row, want_col)
+
+
+@_dual_quantize_op.register_fake
+def _(mode, src, aux, offs, num_groups, want_row, want_col):
+    m, width = src.shape
+    kc = width if mode == MODE_PLAIN else width // 2
+    ko = 2 * kc if mode == MODE_SWIGLU_BWD else kc
+    e = num_groups
+    f32 = torch.float32
+    row = src.new_empty((m, ko) if want_row else (0,), dtype=FP8_DTYPE)
+    row_inv = src.new_empty((m,) if want_row else (0,), dtype=f32)
+    if offs is None:
+        col = src.new_empty((e, ko, m // e) if want_col else (0,), dtype=FP8_DTYPE)
+    else:
+        col = src.new_empty((ko, (m + ALIGN - 1) // ALIGN * ALIGN) if want_col else (0,), dtype=FP8_DTYPE)
+    col_inv = src.new_empty((e, ko) if want_col else (0,), dtype=f32)
+    return row, row_inv, col, col_inv, src.new_empty((1,), dtype=torch.int32)
+
+
+def _dual_quantize(mode, src, aux, offs, num_groups, want_row, want_col):
+    # Eager calls skip the custom-op dispatcher (tens of microseconds a call); under
+    # torch.compile the op keeps the Triton launches opaque to the tracer.
+    if torch.compiler.is_compiling():
+        return torch.ops.moeq.fp8_dual_quantize(mode, src, aux, offs, num_groups, want_row, want_col)
+    return _dual_quantize_impl(mode, src, aux, offs, num_groups, want_row, want_col)
+
+
+def _check_2d(name: str, t: torch.Tensor, width_multiple: int) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2D, got shape {tuple(t.shape)}")
+    if t.dtype not in (torch.bfloat16, torch.float32, torch.float16):
+        raise TypeError(f"{name} must be bfloat16/float16/float32, got {t.dtype}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a unit last stride (call .contiguous()), got strides {t.stride()}")
+    if t.shape[-1] % width_multiple:
+        raise ValueError(f"{name}'s last dim {t.shape[-1]} must be a multiple of {width_multiple}")
+
+
+def _check_offs(offs: torch.Tensor, device) -> None:
+    if offs.dim() != 1 or offs.dtype != torch.int32:
+        raise ValueError(f"offs must be a 1D int32 tensor of cumulative group ends, got {offs.dtype} {tuple(offs.shape)}")
+    if offs.device != device:
+        raise ValueError(f"offs is on {offs.device} but the data is on {device}: move offs to {device}")
+
+
+def _as_dual(out, m: int, want_col: bool, weight_shape=None) -> Fp8Dual:
+    row, row_inv, col, col_inv, ok = out
+    if weight_shape is not None:
+        e, n, k = weight_shape
+        if row.numel():
+            row, row_inv = row.view(e, n, k), row_inv.view(e, n)
+        return Fp8Dual(row, row_inv, col, col_inv)
+    if want_col:
+        col = col[:, :m]
+    return Fp8Dual(row, row_inv, col, col_inv, ok)
+
+
+def quantize_dual(x: torch.Tensor, offs: torch.Tensor, *, rowwise: bool = True, colwise: bool = True) -> Fp8Dual:
+    """Both FP8 copies of a grouped activation in two passes over it.
+
+    Args:
+        x: (M, K) bfloat16/float32, rows grouped in expert order, K % 16 == 0.
+        offs: (E,) int32 cumulative group ends, each a multiple of ``GROUP_ALIGNMENT[FP8]``
+            (not checked here: the caller asserts it on device).
+        rowwise / colwise: which copies to produce (the other fields are empty).
+    Returns:
+        Fp8Dual: row (M, K) + row_inv (M,); col (K, M) view + col_inv (E, K).
+    """
+    _check_2d("x", x, 16)
+    _check_offs(offs, x.device)
+    out = _dual_quantize(MODE_PLAIN, x, None, offs, offs.numel(), rowwise, colwise)
+    return _as_dual(out, x.shape[0], colwise)
+
+
+def quantize_weight(w: torch.Tensor, *, colwise: bool = True) -> Fp8Dual:
+    """FP8 copies of a 3D expert weight for the forward and the dgrad GEMM, one pass pair.
+
+    Args:
+        w: (E, N, K) bfloat16/float32 contiguous, N and K multiples of 16.
+    Returns:
+        Fp8Dual: row (E, N, K) + row_inv (E, N) scaled along K; col (E, K, N) contiguous +
+        col_inv (E, K) scaled along N (empty when ``colwise=False``).
+    """
+    if w.dim() != 3:
+        raise ValueError(f"weight must be 3D (E, N, K), got shape {tuple(w.shape)}")
+    e, n, k = w.shape
+    if n % ALIGN or k % 16:
+        raise ValueError(f"weight dims N={n}, K={k} must be multiples of {ALIGN} and 16 for FP8 grouped GEMMs")
+    w2 = w.contiguous().view(e * n, k)
+    _check_2d("weight", w2, 16)
+    out = _dual_quantize(MODE_PLAIN, w2, None, None, e, True, colwise)
+    return _as_dual(out, e * n, colwise, weight_shape=(e, n, k))
+
+
+def swiglu_quantize(gate_up: torch.Tensor, offs: torch.Tensor, *, colwise: bool = True) -> Fp8Dual:
+    """FP8 copies of ``h = silu(gate) * up`` (M, H), computed in float32, never stored in bf16.
+
+    Args:
+        gate_up: (M, 2H) bfloat16, gate columns [0, H), up columns [H, 2H); H % 16 == 0.
+        offs: (E,) int32 group ends (see ``quantize_dual``).
+    """
+    _check_2d("gate_up", gate_up, 32)
+    _check_offs(offs, gate_up.device)
+    out = _dual_quantize(MODE_SWIGLU, gate_up, None, offs, offs.numel(), True, colwise)
+    return _as_dual(out, gate_up.shape[0], colwise)
+
+
+def swiglu_backward_quantize(gate_up: torch.Tensor, grad_h: torch.Tensor, offs: torch.Tensor) -> Fp8Dual:
+    """FP8 copies of d(gate_up) (M, 2H) = SwiGLU backward of ``grad_h`` (M, H), in float32.
+
+    Returns both copies: row (M, 2H) for the dgrad GEMM, col (2H, M) for the wgrad GEMM.
+    """
+    _check_2d("gate_up", gate_up, 32)
+    _check_2d("grad_h", grad_h, 16)
+    if grad_h.shape[0] != gate_up.shape[0] or 2 * grad_h.shape[1] != gate_up.shape[1]:
+        raise ValueError(f"grad_h {tuple(grad_h.shape)} does not match gate_up {tuple(gate_up.shape)}: want (M, H) and (M, 2H)")
+    _check_offs(offs, gate_up.device)
+    out = _dual_quantize(MODE_SWIGLU_BWD, gate_up, grad_h, offs, offs.numel(), True, True)
+    return _as_dual(out, gate_up.shape[0], True)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _zero_slack_rows_kernel(out_ptr, offs_ptr, M, stride, N: tl.constexpr, E: tl.constexpr,
+                                BM: tl.constexpr, BN: tl.constexpr):
+        pid = tl.program_id(0)
+        end = tl.load(offs_ptr + E - 1)
+        r0 = pid * BM
+        if r0 + BM > end:  # programs wholly inside the groups write nothing
+            rows = r0 + tl.arange(0, BM)
+            rmask = (rows >= end) & (rows < M)
+            for n0 in range(0, N, BN):
+                cols = n0 + tl.arange(0, BN)
+                z = tl.zeros((BM, BN), dtype=out_ptr.dtype.element_ty)
+                tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], z,
+                         mask=rmask[:, None] & (cols < N)[None, :])
+
+
+def zero_slack_rows_reference(out: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``out`` (M, N) with rows at or past ``offs[-1]`` set to zero (a new tensor)."""
+    rows = torch.arange(out.shape[0], device=out.device)
+    return torch.where((rows < offs[-1].long())[:, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _zero_slack_rows_impl(out: torch.Tensor, offs: torch.Tensor) -> None:
+    m, n = out.shape
+    if m == 0 or n == 0:
+        return
+    bm, bn = 32, min(256, max(16, _next_pow2(n)))
+    _zero_slack_rows_kernel[(triton.cdiv(m, bm),)](out, offs, m, out.stride(0), N=n, E=offs.numel(), BM=bm, BN=bn)
+
+
+@torch.library.custom_op("moeq::zero_slack_rows_", mutates_args=("out",))
+def _zero_slack_rows_op(out: torch.Tensor, offs: torch.Tensor) -> None:
+    _zero_slack_rows_impl(out, offs)
+
+
+def zero_slack_rows_(out: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Zero, in place, the rows of ``out`` (M, N) (unit last stride) at or past ``offs[-1]``.
+
+    Grouped GEMMs leave those rows uninitialized. One launch that writes only slack rows;
+    no host sync. Returns ``out``.
+    """
+    if out.dim() != 2 or out.stride(-1) != 1:
+        raise ValueError(f"zero_slack_rows_ needs a 2D tensor with unit last stride, got {tuple(out.shape)} {out.stride()}")
+    _check_offs(offs, out.device)
+    if torch.compiler.is_compiling():
+        torch.ops.moeq.zero_slack_rows_(out, offs)
+    else:
+        _zero_slack_rows_impl(out, offs)
+    return out

@@ -1,0 +1,53 @@
+"""moeq: quantization-aware Mixture-of-Experts training (FP8 / MXFP8 expert GEMMs).
+
+    import moeq
+    model = moeq.convert_model(model, recipe="mxfp8")   # or "fp8", "bf16"
+"""
+from moeq.experts import COMPUTE_BACKENDS, GroupedExperts, swiglu_experts
+from moeq.moe import MoE
+from moeq.padding import (
+    PaddedLayout,
+    combine_token_groups,
+    pad_token_groups,
+    padded_rows,
+    permute_and_pad,
+    unpad_token_groups,
+)
+from moeq.recipes import GROUP_ALIGNMENT, RECIPE_NAMES, QuantizationType, group_alignment, parse_recipe
+from moeq.router import TopKRouter, fp32_linear
+
+
+def __getattr__(name):
+    # The quantization stack imports torchao; load it only when asked for.
+    if name == "convert_model":
+        from moeq.convert import convert_model
+
+        return convert_model
+    if name == "quantized_grouped_mm":
+        from moeq.quant import quantized_grouped_mm
+
+        return quantized_grouped_mm
+    raise AttributeError(f"module 'moeq' has no attribute {name!r}")
+
+
+__all__ = [
+    "COMPUTE_BACKENDS",
+    "GROUP_ALIGNMENT",
+    "GroupedExperts",
+    "MoE",
+    "PaddedLayout",
+    "QuantizationType",
+    "RECIPE_NAMES",
+    "TopKRouter",
+    "combine_token_groups",
+    "convert_model",
+    "fp32_linear",
+    "group_alignment",
+    "pad_token_groups",
+    "padded_rows",
+    "parse_recipe",
+    "permute_and_pad",
+    "quantized_grouped_mm",
+    "swiglu_experts",
+    "unpad_token_groups",
+]

@@ -1,0 +1,133 @@
+"""The ``moeq`` command: ``train``, ``compare`` and ``bench``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Optional, Sequence
+
+from moeq.experts import COMPUTE_BACKENDS
+from moeq.recipes import RECIPE_NAMES
+
+HF_MODELS = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v3")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="+", metavar="PATH",
+                   help="text files or directories to train on (default: the Python standard library's sources)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--kernel", default="auto",
+                   help="auto (fastest the device runs) or emulated (plain-torch numerics, any device)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--expert-hidden", type=int, default=128)
+    p.add_argument("--compute-backend", default="grouped_mm", choices=COMPUTE_BACKENDS)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _config(args):
+    from moeq.model import MoEModelConfig
+    from moeq.train import TrainConfig
+
+    if args.data:
+        missing = [d for d in args.data if not os.path.exists(d)]
+        if missing:
+            raise SystemExit(f"moeq: --data {missing[0]}: no such file or directory")
+    model = MoEModelConfig(dim=args.dim, num_layers=args.layers, num_heads=args.heads, num_experts=args.experts,
+                           top_k=args.top_k, expert_hidden_dim=args.expert_hidden,
+                           compute_backend=args.compute_backend, max_seq_len=args.seq_len)
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                       seed=args.seed, device=args.device, dtype=args.dtype, kernel=args.kernel,
+                       data=args.data, compile=args.compile, progress=not args.no_progress, model=model)
+
+
+def _cmd_train(args) -> int:
+    from moeq.train import train
+
+    cfg = dataclasses.replace(_config(args), recipe=args.recipe, out_dir=args.out_dir, resume=args.resume,
+                              checkpoint_every=args.checkpoint_every)
+    r = train(cfg)
+    print(f"recipe={r.recipe} steps={r.steps} final_loss={r.final_loss:.4f} (first {r.losses[0]:.4f}) "
+          f"tokens/s={r.tokens_per_s:,.0f} peak_memory={r.peak_memory_mb:,.0f} MB converted={len(r.converted)} modules")
+    if args.out_dir:
+        print(f"checkpoint and metrics in {args.out_dir}/")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from moeq.compare import compare_recipes
+
+    results = compare_recipes(_config(args), args.recipes, args.out_dir)
+    print((open(os.path.join(args.out_dir, "results.md")).read()))
+    print(f"loss curves: {os.path.join(args.out_dir, 'loss_curves.png')}")
+    return 0 if all(r.steps for r in results) else 1
+
+
+def _cmd_bench(args) -> int:
+    import runpy
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(here, "benchmarks", "experts.py")
+    if not os.path.exists(script):
+        raise SystemExit("moeq bench: benchmarks/experts.py not found (run from a source checkout)")
+    sys.argv = [script] + args.bench_args
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+def _recipe(value: str) -> str:
+    from moeq.recipes import parse_recipe
+
+    try:
+        return parse_recipe(value).value
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeq", description="Quantization-aware MoE training (FP8 / MXFP8 experts)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train the demo MoE language model with one recipe")
+    t.add_argument("--recipe", type=_recipe, default="bf16", help=f"one of {', '.join(RECIPE_NAMES)}")
+    t.add_argument("--out-dir", help="write checkpoint.pt and metrics.json here")
+    t.add_argument("--resume", action="store_true", help="continue from --out-dir/checkpoint.pt")
+    t.add_argument("--checkpoint-every", type=int, default=0)
+    _add_train_args(t)
+    t.set_defaults(func=_cmd_train)
+
+    c = sub.add_parser("compare", help="train every recipe from the same seed and data; plot and tabulate")
+    c.add_argument("--recipes", nargs="+", type=_recipe, default=list(RECIPE_NAMES))
+    c.add_argument("--out-dir", default="moeq_runs/compare")
+    _add_train_args(c)
+    c.set_defaults(func=_cmd_compare)
+
+    b = sub.add_parser("bench", help="run benchmarks/experts.py on this GPU and print its table")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``moeq`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
+        print(f"moeq: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

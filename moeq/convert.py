@@ -1,0 +1,274 @@
+"""``moeq.convert_model``: swap routed experts to FP8 / MXFP8 / BF16 grouped GEMMs.
+
+Conversion changes a module's class (to a subclass made here) and two plain attributes;
+parameters, their dtypes and state_dict keys are untouched, so checkpoints load both ways
+and optimizers built before conversion keep working.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from moeq import padding as _padding
+from moeq.experts import GroupedExperts, group_end_offsets, swiglu, swiglu_experts
+from moeq.padding_policy import is_expert_parallel, needs_padding
+from moeq.quant.dispatch import KERNEL_AUTO, get_kernel, select_kernel
+from moeq.quant.grouped_mm import quantized_grouped_mm
+from moeq.recipes import GROUP_ALIGNMENT, QuantizationType, RecipeLike, parse_recipe
+
+FilterLike = Union[None, Sequence[str], Callable[[str, nn.Module], bool]]
+
+
+class ConvertedExperts:
+    """Mixin marking a converted experts module; holds its recipe and kernel choice."""
+
+    moeq_recipe: QuantizationType
+    moeq_kernel: str
+
+    @property
+    def group_alignment(self) -> Optional[int]:  # what moeq.MoE's permute-and-pad should produce
+        return GROUP_ALIGNMENT[self.moeq_recipe]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor expert weight (EP), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def resolve_kernel(qtype: QuantizationType, kernel: str, device: torch.device) -> str:
+    """The concrete kernel name ``kernel`` ("auto" or a name) means for qtype on device."""
+    return select_kernel(kernel, qtype, device).name
+
+
+def _swiglu_experts_quantized(x, gate_up_proj, down_proj, offs, qtype, kernel):
+    """SwiGLU experts through the recipe's GEMMs on an already aligned layout."""
+    h = swiglu(quantized_grouped_mm(x, gate_up_proj, offs, qtype=qtype, kernel=kernel))
+    return quantized_grouped_mm(h, down_proj, offs, qtype=qtype, kernel=kernel)
+
+
+class QuantizedGroupedExperts(ConvertedExperts, GroupedExperts):
+    """moeq.GroupedExperts whose GEMMs follow ``moeq_recipe``; pads only when needed."""
+
+    def forward(self, x, num_tokens_per_expert, *, group_alignment=None):
+        """Same contract as :meth:`GroupedExperts.forward`; see moeq.padding_policy for padding."""
+        qtype = self.moeq_recipe
+        w13, w2 = _local(self.gate_up_proj), _local(self.down_proj)
+        if qtype is QuantizationType.BF16:
+            return swiglu_experts(
+                x, w13, w2, num_tokens_per_expert,
+                compute_backend=self.compute_backend, group_alignment=group_alignment,
+            )
+        kernel = resolve_kernel(qtype, self.moeq_kernel, x.device)
+        if needs_padding(qtype, group_alignment):
+            align = GROUP_ALIGNMENT[qtype]
+            padded, layout = _padding.pad_token_groups(x, num_tokens_per_expert, align)
+            y = _swiglu_experts_quantized(padded, w13, w2, layout.padded_offsets, qtype, kernel)
+            return _padding.unpad_token_groups(y, layout)
+        offs = group_end_offsets(num_tokens_per_expert, group_alignment)
+        return _swiglu_experts_quantized(x, w13, w2, offs, qtype, kernel)
+
+
+def _expert_ids_of_rows(offs: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Expert id of each row of a grouped layout (slack rows get the last expert)."""
+    rows = torch.arange(num_rows, device=offs.device, dtype=offs.dtype)
+    return torch.searchsorted(offs, rows, right=True).clamp(max=offs.numel() - 1)
+
+
+def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    """Forward of a converted transformers experts module (``@use_experts_implementation``).
+
+    Args:
+        hidden_states: (T, D). top_k_index: (T, k) int64. top_k_weights: (T, k).
+    Returns:
+        (T, D) in hidden_states.dtype.
+    Honours the module's ``has_gate``, ``has_bias``, ``is_transposed`` and ``_apply_gate``
+    (which knows concatenated vs interleaved gate/up) flags.
+    """
+    if getattr(self, "_is_expert_parallel", False):
+        raise NotImplementedError(
+            "transformers' own expert parallelism is not supported by moeq-converted experts: "
+            "use moeq.apply_expert_parallel instead"
+        )
+    qtype = self.moeq_recipe
+    align = GROUP_ALIGNMENT[qtype]
+    kernel = resolve_kernel(qtype, self.moeq_kernel, hidden_states.device) if align else None
+    num_experts = self.num_experts
+    grouped, counts, layout = _padding.permute_and_pad(hidden_states, top_k_index, num_experts, align)
+    offs = group_end_offsets(counts, align)
+    need_ids = self.has_bias
+    expert_ids = _expert_ids_of_rows(offs, grouped.shape[0]) if need_ids else None
+
+    def linear(inp, weight, bias):
+        w = _local(weight)
+        w = w.transpose(-2, -1) if self.is_transposed else w  # -> (E, N, K)
+        if qtype is QuantizationType.BF16:
+            out = torch._grouped_mm(inp, w.transpose(-2, -1), offs=offs)
+        else:
+            out = quantized_grouped_mm(inp, w, offs, qtype=qtype, kernel=kernel)
+        if bias is not None:
+            out = out + _local(bias)[expert_ids].to(out.dtype)
+        return out
+
+    if self.has_gate:
+        h = self._apply_gate(linear(grouped, self.gate_up_proj, getattr(self, "gate_up_proj_bias", None)))
+    else:
+        h = self.act_fn(linear(grouped, self.up_proj, getattr(self, "up_proj_bias", None)))
+    out = linear(h, self.down_proj, getattr(self, "down_proj_bias", None))
+    if getattr(self, "has_post_expert_norm", False):
+        out = self.post_expert_norm(out)
+    if align:
+        # Slack rows and padding rows can hold bias/activation garbage: the combine reads
+        # only real rows, but keep them finite for anything that inspects the buffer.
+        in_group = torch.arange(out.shape[0], device=out.device) < offs[-1]
+        out = torch.where(in_group[:, None], out, 0)
+    return _padding.combine_token_groups(out, layout, top_k_weights).to(hidden_states.dtype)
+
+
+def _is_hf_experts(module: nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("is_transposed", "has_gate", "has_bias", "config")) and hasattr(
+        module, "down_proj"
+    )
+
+
+def _is_torchtitan_experts(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "GroupedExperts" and cls.__module__.startswith("torchtitan") and all(
+        hasattr(module, w) for w in ("w1", "w2", "w3")
+    )
+
+
+def _torchtitan_forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """torchtitan GroupedExperts (w1 (E,H,D), w2 (E,D,H), w3 (E,H,D)) through moeq's GEMMs."""
+    qtype = self.moeq_recipe
+    w1, w2, w3 = _local(self.w1), _local(self.w2), _local(self.w3)
+    w13 = torch.cat([w1, w3], dim=1)  # one fused gate|up GEMM: x is quantized and read once
+    if qtype is QuantizationType.BF16:
+        return swiglu_experts(x, w13, w2, num_tokens_per_expert)
+    kernel = resolve_kernel(qtype, self.moeq_kernel, x.device)
+    padded, layout = _padding.pad_token_groups(x, num_tokens_per_expert, GROUP_ALIGNMENT[qtype])
+    y = _swiglu_experts_quantized(padded, w13, w2, layout.padded_offsets, qtype, kernel)
+    return _padding.unpad_token_groups(y, layout)
+
+
+def _expert_dims(module: nn.Module) -> dict:
+    """{"dim": D, "hidden_dim": H} of an experts module, whatever its layout."""
+    if isinstance(module, GroupedExperts):
+        return {"dim": module.dim, "hidden_dim": module.hidden_dim}
+    if _is_torchtitan_experts(module):
+        return {"dim": module.w1.shape[-1], "hidden_dim": module.w1.shape[-2]}
+    down = module.down_proj  # (E, D, I), or (E, I, D) when transposed
+    d, i = (down.shape[-1], down.shape[-2]) if module.is_transposed else (down.shape[-2], down.shape[-1])
+    return {"dim": d, "hidden_dim": i}
+
+
+def _check_dims(fqn: str, module: nn.Module, qtype: QuantizationType) -> None:
+    multiple = GROUP_ALIGNMENT[qtype]
+    if multiple is None:
+        return
+    for name, size in _expert_dims(module).items():
+        if size % multiple:
+            raise ValueError(
+                f"cannot convert {fqn or '<root>'} to {qtype.value}: its {name} is {size}, not a multiple of "
+                f"{multiple} (the {qtype.value} GEMMs need every contraction dim to be one). Leave this module "
+                f"out with filter_fqns, or use recipe='bf16'."
+            )
+
+
+def _matches(fqn: str, module: nn.Module, filter_fqns: FilterLike) -> bool:
+    if filter_fqns is None:
+        return True
+    if callable(filter_fqns):
+        return bool(filter_fqns(fqn, module))
+    return any(f in fqn for f in filter_fqns)
+
+
+_SUBCLASS_CACHE: dict = {}
+
+
+def _converted_class(cls: type, forward: Optional[Callable]) -> type:
+    """A subclass of ``cls`` mixing in ConvertedExperts (and overriding forward if given).
+
+    Classes are cached per original class, so converting twice reuses the same class."""
+    key = (cls, forward)
+    if key not in _SUBCLASS_CACHE:
+        attrs = {"__module__": __name__}
+        if forward is not None:
+            attrs["forward"] = forward
+        _SUBCLASS_CACHE[key] = type(f"Moeq{cls.__name__}", (ConvertedExperts, cls), attrs)
+    return _SUBCLASS_CACHE[key]
+
+
+def _original_class(module: nn.Module) -> type:
+    cls = type(module)
+    if issubclass(cls, ConvertedExperts):
+        return next(b for b in cls.__mro__[1:] if not issubclass(b, ConvertedExperts))
+    return cls
+
+
+def convert_model(
+    model: nn.Module,
+    recipe: RecipeLike,
+    *,
+    filter_fqns: FilterLike = None,
+    kernel: str = "auto",
+) -> nn.Module:
+    """Swap every routed-experts module of ``model`` to the recipe's grouped GEMMs, in place.
+
+    Finds moeq ``GroupedExperts`` (also inside ``moeq.MoE``), transformers 5.x experts
+    modules (``@use_experts_implementation``: Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V3,
+    GPT-OSS, ...) and torchtitan ``GroupedExperts``. Routers, shared experts, attention
+    and embeddings are left alone. Converting again to the same recipe is a no-op;
+    converting to another recipe switches it.
+
+    Args:
+        model: any nn.Module.
+        recipe: ``"bf16"``, ``"fp8"``, ``"mxfp8"`` or a QuantizationType.
+        filter_fqns: None (all experts), a list of substrings of module FQNs to convert,
+            or ``f(fqn, module) -> bool``.
+        kernel: ``"auto"`` (fastest path the device runs), ``"emulated"`` (plain-torch
+            quantization numerics, any device), or a kernel name from
+            ``moeq.quant.dispatch.KERNELS``.
+    Returns:
+        ``model``, with ``model.moeq_converted_fqns`` listing the converted modules.
+    Raises:
+        ValueError: unknown recipe or kernel, nothing matched, or a dim not divisible by
+            the recipe's alignment (names the module, the dim and the multiple).
+    """
+    qtype = parse_recipe(recipe)
+    if kernel != KERNEL_AUTO:
+        get_kernel(kernel)  # ValueError listing the valid names
+    converted = []
+    for fqn, module in model.named_modules():
+        if isinstance(module, GroupedExperts):
+            forward = None  # QuantizedGroupedExperts below
+        elif _is_torchtitan_experts(module):
+            forward = _torchtitan_forward
+        elif _is_hf_experts(module):
+            forward = hf_experts_forward
+        else:
+            continue
+        if not _matches(fqn, module, filter_fqns):
+            continue
+        _check_dims(fqn, module, qtype)
+        if isinstance(module, GroupedExperts):
+            module.__class__ = QuantizedGroupedExperts
+        else:
+            module.__class__ = _converted_class(_original_class(module), forward)
+        module.moeq_recipe = qtype
+        module.moeq_kernel = kernel
+        converted.append(fqn)
+    if not converted:
+        what = "routed-experts modules" if filter_fqns is None else f"experts modules matching filter_fqns={filter_fqns!r}"
+        raise ValueError(
+            f"convert_model found no {what} in {type(model).__name__}: it converts moeq.GroupedExperts/MoE, "
+            f"transformers 5.x MoE experts and torchtitan GroupedExperts"
+        )
+    model.moeq_converted_fqns = converted
+    return model
+
+
+def converted_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """(fqn, module) of every converted experts module in ``model``."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, ConvertedExperts))

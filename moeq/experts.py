@@ -1,0 +1,254 @@
+"""Routed SwiGLU experts with 3D weights and three compute backends."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The one place backend names live.
+COMPUTE_BACKENDS = ("grouped_mm", "batched_mm_padded", "for_loop")
+
+
+def check_compute_backend(compute_backend: str) -> str:
+    """Return ``compute_backend`` if it is one of COMPUTE_BACKENDS, else raise ValueError."""
+    if compute_backend not in COMPUTE_BACKENDS:
+        raise ValueError(
+            f"unknown compute_backend {compute_backend!r}: use one of {', '.join(map(repr, COMPUTE_BACKENDS))}"
+        )
+    return compute_backend
+
+
+def round_up(x, multiple: int):
+    """Smallest multiple of ``multiple`` >= x (ints or integer tensors)."""
+    return (x + multiple - 1) // multiple * multiple
+
+
+def group_end_offsets(num_tokens_per_expert: torch.Tensor, group_alignment: Optional[int] = None) -> torch.Tensor:
+    """(E,) counts -> (E,) int32 cumulative end offsets for ``torch._grouped_mm``.
+
+    With ``group_alignment=a`` each group occupies ``round_up(count, a)`` rows (the
+    padded layout of moeq.padding), so every group starts at a multiple of ``a``.
+    """
+    counts = num_tokens_per_expert
+    if group_alignment is not None and group_alignment > 1:
+        counts = round_up(counts, group_alignment)
+    return torch.cumsum(counts, 0, dtype=torch.int32)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    ``torch._grouped_mm``'s backward rejects expanded gradients (e.g. from ``y.sum()``).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _check_grouped_mm_operand(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(
+            f"compute_backend='grouped_mm' needs float32/bfloat16/float16 {name}, got {t.dtype}: "
+            f"use compute_backend='for_loop' for other dtypes"
+        )
+    multiple = 16 // t.element_size()
+    if t.shape[-1] % multiple:
+        raise ValueError(
+            f"compute_backend='grouped_mm' needs the last dim of {name} to be a multiple of {multiple} for "
+            f"{t.dtype} (16-byte aligned rows), got {t.shape[-1]}: pad the model dim / hidden dim, or use "
+            f"compute_backend='for_loop'"
+        )
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Per-group ``x[group e] @ weight[e].T`` through ``torch._grouped_mm``.
+
+    Args:
+        x: (M, K) rows grouped by expert.
+        weight: (E, N, K).
+        offs: (E,) int32 cumulative end offsets; rows past ``offs[-1]`` are in no group
+            and their output is unspecified.
+    Returns:
+        (M, N) in x.dtype.
+    """
+    return torch._grouped_mm(_ContiguousGrad.apply(x), weight.transpose(-2, -1), offs=offs)
+
+
+def _expert_row_index(offs: torch.Tensor, num_rows: int):
+    """For grouped rows, the expert id of each row and its position inside the group.
+
+    Rows in no group (slack past ``offs[-1]``) get expert id E (out of range)."""
+    rows = torch.arange(num_rows, device=offs.device, dtype=offs.dtype)
+    expert = torch.searchsorted(offs, rows, right=True)
+    padded_starts = torch.cat([offs.new_zeros(1), offs[:-1]])
+    pos = rows - padded_starts.gather(0, expert.clamp(max=offs.numel() - 1))
+    return expert, pos
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """(M, 2H) gate|up -> (M, H) ``silu(gate) * up``."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def swiglu_experts(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    num_tokens_per_expert: torch.Tensor,
+    *,
+    compute_backend: str = "grouped_mm",
+    group_alignment: Optional[int] = None,
+) -> torch.Tensor:
+    """Routed SwiGLU experts, functional form.
+
+    Args:
+        x: (M, D) tokens grouped in expert order. Without ``group_alignment`` the counts
+            sum to M. With ``group_alignment=a`` the tokens are in the padded layout of
+            :func:`moeq.pad_token_groups` (group e starts at a multiple of a, padding rows
+            are zero) and rows past the last group are slack.
+        gate_up_proj: (E, 2H, D); rows [0, H) gate, [H, 2H) up.
+        down_proj: (E, D, H).
+        num_tokens_per_expert: (E,) integer counts of real (unpadded) tokens.
+        compute_backend: one of COMPUTE_BACKENDS. ``grouped_mm`` is sync-free;
+            ``batched_mm_padded`` and ``for_loop`` read the counts on the host once.
+    Returns:
+        (M, D) in x.dtype; padding and slack rows are zero.
+    """
+    check_compute_backend(compute_backend)
+    num_rows, num_experts = x.shape[0], gate_up_proj.shape[0]
+    if num_experts == 0 or num_rows == 0:
+        # No expert or no token: an empty graph would drop the weights from autograd,
+        # so multiply by zero to keep gradients (all zero) defined for every parameter.
+        keep = x.sum() + (gate_up_proj.sum() + down_proj.sum()).to(x.dtype)
+        return x.new_zeros(num_rows, down_proj.shape[1]) + 0 * keep
+
+    offs = group_end_offsets(num_tokens_per_expert, group_alignment)
+    padded = group_alignment is not None and group_alignment > 1
+    if compute_backend == "grouped_mm":
+        for name, t in (("x", x), ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+            _check_grouped_mm_operand(name, t)
+        h = swiglu(grouped_mm(x, gate_up_proj, offs))
+        out = grouped_mm(h, down_proj, offs)
+        if padded:
+            # Slack rows are in no group, so torch._grouped_mm leaves them unwritten.
+            in_group = torch.arange(num_rows, device=x.device) < offs[-1]
+            out = torch.where(in_group[:, None], out, 0)
+        return out
+
+    if compute_backend == "for_loop":
+        return _for_loop(x, gate_up_proj, down_proj, num_tokens_per_expert, offs)
+    return _batched_mm_padded(x, gate_up_proj, down_proj, num_tokens_per_expert, offs)
+
+
+def _for_loop(x, gate_up_proj, down_proj, counts, offs):
+    ends = offs.tolist()  # host read: the portable fallback trades one sync for simplicity
+    counts_h = counts.tolist()
+    pieces, start = [], 0
+    for e, (end, n) in enumerate(zip(ends, counts_h)):
+        if n > 0:
+            pieces.append(swiglu(x[start : start + n] @ gate_up_proj[e].t()) @ down_proj[e].t())
+        if end - start - n > 0:
+            pieces.append(x.new_zeros(end - start - n, down_proj.shape[1]))
+        start = end
+    pieces.append(x.new_zeros(x.shape[0] - start, down_proj.shape[1]))
+    # The zero-weighted sum keeps every parameter in the graph when some experts get no tokens.
+    return torch.cat(pieces) + 0 * (gate_up_proj.sum() + down_proj.sum()).to(x.dtype)
+
+
+def _batched_mm_padded(x, gate_up_proj, down_proj, counts, offs):
+    num_rows, num_experts = x.shape[0], gate_up_proj.shape[0]
+    capacity = int(counts.max())  # host read: the batch dim of bmm is the largest group
+    expert, pos = _expert_row_index(offs, num_rows)
+    real = (expert < num_experts) & (pos < counts.gather(0, expert.clamp(max=num_experts - 1)).to(pos.dtype))
+    # Padding and slack rows scatter into a dump slot (expert E) that bmm never sees.
+    e_idx = torch.where(real, expert, num_experts).long()
+    p_idx = torch.where(real, pos, 0).long()
+    batch = x.new_zeros(num_experts + 1, max(capacity, 1), x.shape[1])
+    batch = batch.index_put((e_idx, p_idx), x)[:num_experts]
+    h = swiglu(torch.bmm(batch, gate_up_proj.transpose(-2, -1)))
+    y = torch.bmm(h, down_proj.transpose(-2, -1))
+    y = torch.cat([y, y.new_zeros(1, *y.shape[1:])])  # zeros for padding/slack rows
+    return y[e_idx, p_idx]
+
+
+class GroupedExperts(nn.Module):
+    """SwiGLU routed experts with fused 3D weights (transformers 5.x layout).
+
+    Parameters:
+        gate_up_proj: (E, 2H, D); gate rows [0, H), up rows [H, 2H).
+        down_proj: (E, D, H).
+
+    Args:
+        dim: D. hidden_dim: H. num_experts: E.
+        compute_backend: one of ``COMPUTE_BACKENDS``: ``"grouped_mm"``
+            (torch._grouped_mm, sync-free, the default), ``"batched_mm_padded"`` (pad
+            to [E, max_tokens_per_expert, D], torch.bmm, gather back) or
+            ``"for_loop"`` (per-expert matmuls; portable fallback, any dtype).
+    """
+
+    # Alignment (rows) this module's GEMMs want token groups to start at. None: any.
+    # Quantized subclasses made by moeq.convert_model override it from GROUP_ALIGNMENT.
+    group_alignment: Optional[int] = None
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        *,
+        compute_backend: str = "grouped_mm",
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ):
+        super().__init__()
+        self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
+        self.compute_backend = check_compute_backend(compute_backend)
+        kw = dict(dtype=dtype, device=device)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim, **kw))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, std) init; the down projection is scaled by 1/sqrt(2) as is common."""
+        nn.init.normal_(self.gate_up_proj, std=std)
+        nn.init.normal_(self.down_proj, std=std / 2**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        num_tokens_per_expert: torch.Tensor,
+        *,
+        group_alignment: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Apply each expert to its token group.
+
+        Args:
+            x: (M, D) tokens grouped in expert order (see :func:`swiglu_experts`).
+            num_tokens_per_expert: (E,) integer counts.
+            group_alignment: set by a caller (moeq.MoE, EP dispatch) whose tokens are
+                already in the padded layout with groups starting at multiples of it.
+        Returns:
+            (M, D) in x.dtype.
+        """
+        return swiglu_experts(
+            x,
+            self.gate_up_proj,
+            self.down_proj,
+            num_tokens_per_expert,
+            compute_backend=self.compute_backend,
+            group_alignment=group_alignment,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
+            f"compute_backend={self.compute_backend!r}"
+        )

@@ -1,0 +1,55 @@
+"""Quantization numerics of moeq's expert GEMMs: FP8 rowwise, MXFP8, ``quantized_grouped_mm``.
+
+See docs/recipes.md for what each recipe quantizes where.
+"""
+from moeq.quant.dispatch import (
+    KERNEL_AUTO,
+    KERNEL_EMULATED,
+    KERNEL_TORCH,
+    KERNEL_TRITON,
+    GroupedMMKernel,
+    available_kernels,
+    kernel_names,
+    register_kernel,
+    select_kernel,
+)
+from moeq.quant.fp8_rowwise import (
+    fp8_dequantize,
+    fp8_per_group_colwise_fake_quantize,
+    fp8_per_group_colwise_quantize,
+    fp8_pow2_scale,
+    fp8_rowwise_fake_quantize,
+    fp8_rowwise_quantize,
+)
+from moeq.quant.grouped_mm import quantized_grouped_mm
+from moeq.quant.mxfp8 import (
+    MX_BLOCK_SIZE,
+    mxfp8_dequantize,
+    mxfp8_fake_quantize,
+    mxfp8_fake_quantize_token_groups,
+    mxfp8_quantize,
+)
+
+__all__ = [
+    "KERNEL_AUTO",
+    "KERNEL_EMULATED",
+    "KERNEL_TORCH",
+    "KERNEL_TRITON",
+    "GroupedMMKernel",
+    "MX_BLOCK_SIZE",
+    "available_kernels",
+    "fp8_dequantize",
+    "fp8_per_group_colwise_fake_quantize",
+    "fp8_per_group_colwise_quantize",
+    "fp8_pow2_scale",
+    "fp8_rowwise_fake_quantize",
+    "fp8_rowwise_quantize",
+    "kernel_names",
+    "mxfp8_dequantize",
+    "mxfp8_fake_quantize",
+    "mxfp8_fake_quantize_token_groups",
+    "mxfp8_quantize",
+    "quantized_grouped_mm",
+    "register_kernel",
+    "select_kernel",
+]

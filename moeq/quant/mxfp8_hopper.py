@@ -1,0 +1,204 @@
+"""MXFP8 routed SwiGLU experts on Hopper: fused fake-quant kernels + BF16 grouped GEMMs.
+
+``mxfp8_swiglu_experts`` computes the experts' forward and backward with every GEMM in
+MXFP8 numerics (e4m3 data, e8m0 RCEIL scales per 32 elements along the contraction dim,
+fp32 accumulation): each operand is fake-quantized along its GEMM's contraction dim and
+the GEMM runs as a BF16 ``torch._grouped_mm``. That is exact, not an approximation: an
+e4m3 value times a power of two is a bf16 value and the product of two is exact in fp32
+(moeq/quant/mxfp8.py), so only the fp32 accumulation order differs from an MXFP8 tensor-
+core GEMM; it is the same math as torchao's ``KernelPreference.EMULATED`` mode, at BF16
+GEMM speed, plus the memory-bound passes of moeq/kernels/mxfp8_hopper.py.
+
+Where each operand is quantized (the recipe of torchao's ``_to_mxfp8_then_scaled_grouped_mm``):
+
+=========================  ==============================  ===============================
+GEMM                        operand A                       operand B
+=========================  ==============================  ===============================
+forward ``x @ W[e].T``      x along D (rows, 1x32)          W along D (its K)
+input grad ``g @ W[e]``     g along N (rows, 1x32)          W along N (its dim 1)
+weight grad ``g[e].T @ a``  g along tokens (32x1 per group)  a along tokens (32x1 per group)
+=========================  ==============================  ===============================
+
+Fusion: x is read once for its forward (row) and weight-gradient (column) copies; each
+weight once for both its copies; ``h = silu(gate) * up`` is never written unquantized,
+only its two copies; the SwiGLU backward writes the two copies of ``d gate_up`` directly;
+``grad_y`` is read once for both its copies. The forward's column copies and the weights'
+input-gradient copies are saved for backward, not recomputed.
+
+On CUDA (and under ``TRITON_INTERPRET=1``) the fake-quant passes are the Triton kernels; on
+CPU they are the plain-torch references, which the kernels match bitwise.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from moeq.quant.mxfp8 import MX_BLOCK_SIZE
+from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
+
+_ALIGN = GROUP_ALIGNMENT[QuantizationType.MXFP8]
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _ops(device: torch.device):
+    """The fake-quant implementation for ``device``: Triton kernels, or their references on CPU."""
+    from moeq.kernels import mxfp8_hopper as k
+
+    if device.type == "cuda" or _INTERPRET:
+        return (
+            k.mxfp8_fake_quant_2d,
+            k.mxfp8_fake_quant_weight,
+            k.mxfp8_swiglu_fake_quant,
+            k.mxfp8_swiglu_backward_fake_quant,
+            k.zero_slack_rows_,
+        )
+    return (_ref_2d, _ref_weight, _ref_swiglu, _ref_swiglu_bwd, _ref_zero_slack)
+
+
+def _ref_2d(x, offs=None, *, rows=True, cols=True):
+    from moeq.kernels import mxfp8_hopper as k
+
+    return (k.fake_quant_rows_reference(x, offs) if rows else None, k.fake_quant_cols_reference(x, offs) if cols else None)
+
+
+def _ref_weight(w, *, along_k=True, along_n=True):
+    from moeq.quant.mxfp8 import mxfp8_fake_quantize
+
+    return (
+        mxfp8_fake_quantize(w, -1, out_dtype=torch.bfloat16) if along_k else None,
+        mxfp8_fake_quantize(w, -2, out_dtype=torch.bfloat16) if along_n else None,
+    )
+
+
+def _ref_swiglu(gate_up, offs, *, rows=True, cols=True):
+    from moeq.kernels import mxfp8_hopper as k
+
+    return _ref_2d(k.swiglu_reference(gate_up), offs, rows=rows, cols=cols)
+
+
+def _ref_swiglu_bwd(grad_h, gate_up, offs, *, rows=True, cols=True):
+    from moeq.kernels import mxfp8_hopper as k
+
+    return _ref_2d(k.swiglu_backward_reference(grad_h, gate_up), offs, rows=rows, cols=cols)
+
+
+def _ref_zero_slack(out, offs):
+    from moeq.quant.groups import zero_slack_rows
+
+    return out.copy_(zero_slack_rows(out, offs))
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+class _MXFP8SwiGLUExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate_up_proj, down_proj, offs, need_grad: bool):
+        fq_2d, fq_weight, fq_swiglu, _, zero_slack_ = _ops(x.device)
+        x_row, x_col = fq_2d(x.contiguous(), offs, rows=True, cols=need_grad)
+        w1_k, w1_n = fq_weight(gate_up_proj, along_k=True, along_n=need_grad)
+        w2_k, w2_n = fq_weight(down_proj, along_k=True, along_n=need_grad)
+        gate_up = _gmm(x_row, w1_k.transpose(-2, -1), offs)  # (M, 2H)
+        del x_row, w1_k
+        h_row, h_col = fq_swiglu(gate_up, offs, rows=True, cols=need_grad)
+        y = zero_slack_(_gmm(h_row, w2_k.transpose(-2, -1), offs), offs)  # (M, D)
+        if need_grad:
+            ctx.save_for_backward(x_col, w1_n, w2_n, gate_up, h_col, offs)
+        ctx.dtypes = (x.dtype, gate_up_proj.dtype, down_proj.dtype)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_col, w1_n, w2_n, gate_up, h_col, offs = ctx.saved_tensors
+        fq_2d, _, _, fq_swiglu_bwd, zero_slack_ = _ops(grad_y.device)
+        need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
+        grad_y = grad_y.contiguous()
+        gy_row, gy_col = fq_2d(grad_y, offs, rows=need_x or need_w1, cols=need_w2)
+        grad_w1 = grad_w2 = grad_x = None
+        if need_w2:
+            grad_w2 = _gmm(gy_col.t(), h_col, offs).to(ctx.dtypes[2])  # (E, D, H)
+        if need_x or need_w1:
+            grad_h = _gmm(gy_row, w2_n, offs)  # (M, H); slack rows unwritten, ignored below
+            del gy_row
+            g_row, g_col = fq_swiglu_bwd(grad_h, gate_up, offs, rows=need_x, cols=need_w1)
+            del grad_h
+            if need_w1:
+                grad_w1 = _gmm(g_col.t(), x_col, offs).to(ctx.dtypes[1])  # (E, 2H, D)
+            if need_x:
+                grad_x = zero_slack_(_gmm(g_row, w1_n, offs), offs).to(ctx.dtypes[0])  # (M, D)
+        return grad_x, grad_w1, grad_w2, None, None
+
+
+def _check_inputs(x, gate_up_proj, down_proj, offs) -> None:
+    for name, t in (("x", x), ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if t.dtype not in (torch.bfloat16, torch.float32):
+            raise TypeError(f"mxfp8_swiglu_experts needs bfloat16/float32 {name}, got {t.dtype}")
+    if x.dim() != 2 or gate_up_proj.dim() != 3 or down_proj.dim() != 3:
+        raise ValueError(
+            "mxfp8_swiglu_experts needs x (M, D), gate_up_proj (E, 2H, D), down_proj (E, D, H); got "
+            f"{tuple(x.shape)}, {tuple(gate_up_proj.shape)}, {tuple(down_proj.shape)}"
+        )
+    m, d = x.shape
+    e, h2, d1 = gate_up_proj.shape
+    h = h2 // 2
+    if d1 != d or h2 % 2 or tuple(down_proj.shape) != (e, d, h):
+        raise ValueError(
+            f"shape mismatch: x {tuple(x.shape)}, gate_up_proj {tuple(gate_up_proj.shape)} (want (E, 2H, {d})), "
+            f"down_proj {tuple(down_proj.shape)} (want ({e}, {d}, H))"
+        )
+    for name, size in (("model dim D", d), ("expert hidden dim H", h)):
+        if size % MX_BLOCK_SIZE:
+            raise ValueError(
+                f"MXFP8 needs the {name} ({size}) to be a multiple of the MX block size {MX_BLOCK_SIZE}: pad it"
+            )
+    if offs.dtype != torch.int32 or tuple(offs.shape) != (e,):
+        raise ValueError(f"offs must be ({e},) int32 cumulative group ends, got {offs.dtype} {tuple(offs.shape)}")
+    if offs.device != x.device or gate_up_proj.device != x.device or down_proj.device != x.device:
+        raise ValueError("x, gate_up_proj, down_proj and offs must be on one device")
+
+
+def _assert_offsets(offs: torch.Tensor, num_rows: int) -> None:
+    # Device-side checks (no host sync): non-empty groups start at multiples of the MXFP8
+    # alignment (an empty group has no blocks to straddle), ends non-decreasing and in range.
+    starts = torch.cat([offs.new_zeros(1), offs[:-1]])
+    ok = ((starts % _ALIGN == 0) | (offs == starts)).all() & (offs >= starts).all() & (offs[-1] <= num_rows)
+    torch._assert_async(
+        ok,
+        f"mxfp8_swiglu_experts: offs must be non-decreasing, end at <= {num_rows} rows, and every non-empty group "
+        f"must start at a multiple of {_ALIGN} (GROUP_ALIGNMENT[MXFP8]); pad the token groups with moeq.pad_token_groups",
+    )
+
+
+def mxfp8_swiglu_experts(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    offs: torch.Tensor,
+    *,
+    check_offsets: bool = True,
+) -> torch.Tensor:
+    """Routed SwiGLU experts with MXFP8 forward and backward GEMMs (Hopper-friendly).
+
+    ``y[g_e] = (silu(x[g_e] @ gate[e].T) * (x[g_e] @ up[e].T)) @ down[e].T`` for each
+    group ``g_e``, every GEMM (forward, input gradient, weight gradient) in MXFP8 numerics.
+
+    Args:
+        x: (M, D) bf16/fp32 tokens grouped in expert order; group e is rows
+            ``[offs[e-1], offs[e])`` and, unless empty, starts at a multiple of 32
+            (``GROUP_ALIGNMENT[MXFP8]``); rows at or past
+            ``offs[-1]`` are slack (ignored, their output and gradient are zero).
+        gate_up_proj: (E, 2H, D), gate rows [0, H), up rows [H, 2H).
+        down_proj: (E, D, H).
+        offs: (E,) int32 cumulative group end offsets on x's device.
+        check_offsets: validate ``offs`` on the device with ``torch._assert_async``.
+    Returns:
+        (M, D) in x.dtype; slack rows zero. Gradients come back in the inputs' dtypes.
+    """
+    _check_inputs(x, gate_up_proj, down_proj, offs)
+    if check_offsets:
+        _assert_offsets(offs, x.shape[0])
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or gate_up_proj.requires_grad or down_proj.requires_grad)
+    return _MXFP8SwiGLUExperts.apply(x, gate_up_proj, down_proj, offs, need_grad)
