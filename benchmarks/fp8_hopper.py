@@ -215,6 +215,71 @@ def stage_breakdown(inputs, gy, do_bench):
     return rows
 
 
+SWEEP_A = {
+    "default": [(64, 128, 8), (64, 256, 8), (128, 128, 8), (32, 256, 4)],
+    "swiglu_bwd": [(64, 64, 8), (64, 128, 8), (128, 64, 8), (32, 128, 4)],
+}
+SWEEP_B = {
+    "default": [(64, 128, 8), (128, 64, 8), (128, 128, 8), (64, 64, 4)],
+    "swiglu_bwd": [(64, 64, 8), (128, 64, 8), (128, 32, 8), (64, 32, 4)],
+}
+
+
+def sweep_tiles(do_bench, shape="dsv3_ep8_local"):
+    """Time pass A alone and pass A+B for a few tile configs per source kind; install the best."""
+    from moeq.kernels import fp8_rowwise as k
+
+    E, D, H, M = SHAPES[shape]
+    torch.manual_seed(2)
+    c = group_counts(E, M, 16, None)
+    offs = c.cumsum(0).to(torch.int32).cuda()
+    x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(E * 2 * H, D, device="cuda", dtype=torch.bfloat16) * 0.02
+    gu = torch.randn(M, 2 * H, device="cuda", dtype=torch.bfloat16)
+    gh = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
+    cases = {
+        "plain": (k.MODE_PLAIN, x, None, offs, M * D),
+        "weight": (k.MODE_PLAIN, w, None, None, w.numel()),
+        "swiglu": (k.MODE_SWIGLU, gu, None, offs, M * H),
+        "swiglu_bwd": (k.MODE_SWIGLU_BWD, gu, gh, offs, M * H),
+    }
+    bytes_a = {"plain": 2, "weight": 2, "swiglu": 4, "swiglu_bwd": 6}
+    bytes_b = {"plain": 4, "weight": 4, "swiglu": 6, "swiglu_bwd": 10}
+    out = {}
+    for key, (mode, src, aux, o, n) in cases.items():
+        A = SWEEP_A.get(key, SWEEP_A["default"])
+        B = SWEEP_B.get(key, SWEEP_B["default"])
+        ta = {}
+        for cfg in A:
+            try:
+                f = lambda: k._dual_quantize_impl(mode, src, aux, o, E, True, True, tiles=(cfg, B[0]), run_b=False)
+                ta[cfg] = do_bench(f, warmup=5, rep=25, return_mode="median")
+            except Exception as ex:  # noqa: BLE001
+                log(f"  sweep {key} A{cfg} failed: {ex!r}"[:300])
+        best_a = min(ta, key=ta.get)
+        tb = {}
+        for cfg in B:
+            try:
+                f = lambda: k._dual_quantize_impl(mode, src, aux, o, E, True, True, tiles=(best_a, cfg))
+                tb[cfg] = do_bench(f, warmup=5, rep=25, return_mode="median") - ta[best_a]
+            except Exception as ex:  # noqa: BLE001
+                log(f"  sweep {key} B{cfg} failed: {ex!r}"[:300])
+        best_b = min(tb, key=tb.get)
+        k.TILE_CONFIGS[key] = (best_a, best_b)
+        out[key] = {
+            "pass_a_ms": {str(c): t for c, t in ta.items()},
+            "pass_b_ms": {str(c): t for c, t in tb.items()},
+            "best": [list(best_a), list(best_b)],
+            "pass_a_GBps": bytes_a[key] * n / ta[best_a] / 1e6,
+            "pass_b_GBps": bytes_b[key] * n / tb[best_b] / 1e6,
+        }
+        log(f"  sweep {key}: A {ta} -> {best_a} ({out[key]['pass_a_GBps']:.0f} GB/s); "
+            f"B {tb} -> {best_b} ({out[key]['pass_b_GBps']:.0f} GB/s)")
+    del x, w, gu, gh
+    torch.cuda.empty_cache()
+    return out
+
+
 def profile_step(step, steps=3):
     from torch.profiler import ProfilerActivity, profile
 
@@ -256,6 +321,7 @@ def main():
     ap.add_argument("--no-stages", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--no-accum", action="store_true", help="skip the bf16 anchor-method (grad accumulation) timing")
+    ap.add_argument("--sweep", action="store_true", help="sweep the quantization passes' tile configs first and use the best")
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -278,6 +344,12 @@ def main():
     log(json.dumps(env))
     variants = [v for v in args.variants.split(",") if v]
     report = {"env": env, "shapes": {}}
+    if args.sweep:
+        report["sweep"] = sweep_tiles(do_bench)
+    from moeq.kernels import fp8_rowwise as _k
+
+    report["tile_configs"] = {key: [list(a), list(b)] for key, (a, b) in _k.TILE_CONFIGS.items()}
+    log("tile configs: " + json.dumps(report["tile_configs"]))
     for sname in args.shapes.split(","):
         E, D, H, M = SHAPES[sname]
         torch.manual_seed(1)
@@ -369,6 +441,9 @@ def main():
                 row["stages_err"] = repr(ex)[:300]
                 traceback.print_exc()
         report["shapes"][sname] = row
+        if os.environ.get("OUT"):  # partial results survive a timeout
+            with open(os.path.join(os.environ["OUT"], "fp8_hopper_partial.json"), "w") as f:
+                json.dump(report, f, indent=1)
         del inputs, x, w1, w3, w2, gate_up, gy
         torch._dynamo.reset()
         torch.cuda.empty_cache()

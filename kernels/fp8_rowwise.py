@@ -128,8 +128,8 @@ def quantize_colwise_grouped_reference(v: torch.Tensor, offs: torch.Tensor):
     amax = torch.zeros(e + 1, k, dtype=torch.float32, device=v.device)
     amax = amax.scatter_reduce(0, gid[:, None].expand(m, k), a, "amax", include_self=True)[:e]
     scale, inv = pow2_scale_reference(amax)
-    scale_rows = torch.cat([scale, torch.zeros_like(scale[:1])])[gid]  # slack rows -> 0
-    col = _cast_reference(v, scale_rows)
+    scale_rows = torch.cat([scale, torch.ones_like(scale[:1])])[gid]
+    col = _cast_reference(torch.where((gid < e)[:, None], v.float(), 0.0), scale_rows)  # slack rows -> +0
     return col.t().contiguous(), inv
 
 
@@ -254,16 +254,25 @@ if HAS_TRITON:
         return v0, v1
 
     @triton.jit
-    def _group_of_subblocks(offs_ptr, r0, E: tl.constexpr, GROUP_ROWS, NSUB: tl.constexpr, SUB: tl.constexpr,
-                            EB: tl.constexpr, UNIFORM: tl.constexpr):
-        # Group id (E for slack) of each SUB-row sub-block starting at row r0: (NSUB,) int32.
-        starts = r0 + tl.arange(0, NSUB) * SUB
+    def _group_of_row(offs_ptr, r, E: tl.constexpr, GROUP_ROWS, EB: tl.constexpr, UNIFORM: tl.constexpr):
+        # Group id (E for slack) of the scalar row r.
         if UNIFORM:
-            g = starts // GROUP_ROWS
+            g = r // GROUP_ROWS
         else:
             eo = tl.arange(0, EB)
             ends = tl.load(offs_ptr + eo, mask=eo < E, other=2147483647)
-            g = tl.sum((ends[None, :] <= starts[:, None]).to(tl.int32), axis=1)
+            g = tl.sum((ends <= r).to(tl.int32), axis=0)
+        return g
+
+    @triton.jit
+    def _group_of_rows(offs_ptr, rows, E: tl.constexpr, GROUP_ROWS, EB: tl.constexpr, UNIFORM: tl.constexpr):
+        # Group id (E for slack) of each row of the vector ``rows``.
+        if UNIFORM:
+            g = rows // GROUP_ROWS
+        else:
+            eo = tl.arange(0, EB)
+            ends = tl.load(offs_ptr + eo, mask=eo < E, other=2147483647)
+            g = tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1)
         return g
 
     @triton.jit
@@ -280,7 +289,6 @@ if HAS_TRITON:
         Program (0, 0) also writes ok_ptr[0] = 1 if ``offs`` is a valid layout
         (non-decreasing, multiples of SUB, last <= M), else 0 (grouped mode only).
         """
-        NSUB: tl.constexpr = BM // SUB
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         if not UNIFORM:
@@ -308,9 +316,8 @@ if HAS_TRITON:
         if WANT_ROW:
             tl.atomic_max(row_amax_ptr + rows, row_amax, mask=rmask, sem="relaxed")
         if WANT_COL:
-            gsub = _group_of_subblocks(offs_ptr, r0, E, GROUP_ROWS, NSUB, SUB, EB, UNIFORM)
-            g_first = tl.min(gsub, axis=0)
-            g_last = tl.max(gsub, axis=0)
+            g_first = _group_of_row(offs_ptr, r0, E, GROUP_ROWS, EB, UNIFORM)
+            g_last = _group_of_row(offs_ptr, tl.minimum(r0 + BM, M) - 1, E, GROUP_ROWS, EB, UNIFORM)
             if g_first == g_last:
                 # common case: the whole tile is in one group (or all slack)
                 if g_first < E:
@@ -319,21 +326,35 @@ if HAS_TRITON:
                     if MODE == 2:
                         tl.atomic_max(base + H + cols, tl.max(a1, axis=0), mask=cmask, sem="relaxed")
             else:
-                gm = (gsub < E)[:, None] & cmask[None, :]
-                ptrs = col_amax_ptr + gsub.to(tl.int64)[:, None] * KO + cols[None, :]
-                s0 = tl.max(tl.reshape(a0, (NSUB, SUB, BK)), axis=1)
-                tl.atomic_max(ptrs, s0, mask=gm, sem="relaxed")
-                if MODE == 2:
-                    s1 = tl.max(tl.reshape(a1, (NSUB, SUB, BK)), axis=1)
-                    tl.atomic_max(ptrs + H, s1, mask=gm, sem="relaxed")
+                # the tile straddles groups; groups start at multiples of SUB, so each
+                # SUB-row sub-block lies in one group
+                for j in tl.static_range(0, BM // SUB):
+                    gj = _group_of_row(offs_ptr, r0 + j * SUB, E, GROUP_ROWS, EB, UNIFORM)
+                    if gj < E:
+                        sel = ((rows >= r0 + j * SUB) & (rows < r0 + (j + 1) * SUB))[:, None]
+                        base = col_amax_ptr + gj.to(tl.int64) * KO
+                        tl.atomic_max(base + cols, tl.max(tl.where(sel, a0, 0.0), axis=0), mask=cmask, sem="relaxed")
+                        if MODE == 2:
+                            tl.atomic_max(base + H + cols, tl.max(tl.where(sel, a1, 0.0), axis=0), mask=cmask,
+                                          sem="relaxed")
 
     @triton.jit
-    def _store_col(col_ptr, q, rows, cols, g, mask, GROUP_ROWS, stride_cg, stride_ck):
-        # Column copy element (row r, column k) lives at g*stride_cg + (r - g*GROUP_ROWS) + k*stride_ck:
-        # activations (GROUP_ROWS = stride_cg = 0): col[k, r]; weights: colT[g, k, r - g*N].
-        rr = rows.to(tl.int64) - g.to(tl.int64) * GROUP_ROWS + g.to(tl.int64) * stride_cg
-        ptrs = col_ptr + cols.to(tl.int64)[:, None] * stride_ck + rr[None, :]
-        tl.store(ptrs, tl.trans(q), mask=tl.trans(mask))
+    def _col_values(v, col_amax_ptr, offs_ptr, rows, cols, cmask, g_first, g_last, M,
+                    E: tl.constexpr, GROUP_ROWS, KO: tl.constexpr, EB: tl.constexpr, UNIFORM: tl.constexpr):
+        # v scaled by its (group, column) scale, slack rows +0 (float32, ready for _to_e4m3)
+        # (branch-local names: Triton wants variables assigned in both branches to agree in type)
+        if g_first == g_last:
+            a_vec = tl.load(col_amax_ptr + g_first.to(tl.int64) * KO + cols, mask=cmask & (g_first < E), other=0.0)
+            s_vec = _exp2_from_biased(_scale_exponent(a_vec))
+            out = tl.where(g_first < E, v * s_vec[None, :], 0.0)
+        else:
+            g = _group_of_rows(offs_ptr, rows, E, GROUP_ROWS, EB, UNIFORM)
+            ing = g < E
+            a_tile = tl.load(col_amax_ptr + g.to(tl.int64)[:, None] * KO + cols[None, :],
+                             mask=ing[:, None] & cmask[None, :], other=0.0)
+            s_tile = _exp2_from_biased(_scale_exponent(a_tile))
+            out = tl.where(ing[:, None], v * s_tile, 0.0)
+        return out
 
     @triton.jit
     def _cast_kernel(
@@ -344,8 +365,12 @@ if HAS_TRITON:
         MODE: tl.constexpr, UNIFORM: tl.constexpr, WANT_ROW: tl.constexpr, WANT_COL: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr, SUB: tl.constexpr, EB: tl.constexpr,
     ):
-        """Pass B: write the row copy (M, KO) and/or the transposed column copy, plus 1/scale."""
-        NSUB: tl.constexpr = BM // SUB
+        """Pass B: write the row copy (M, KO) and/or the transposed column copy, plus 1/scale.
+
+        Column copy element (row r, column k): activations ``col[k, r]`` at ``k*stride_ck + r``;
+        weights (UNIFORM, tiles never straddle experts since BM divides GROUP_ROWS = N)
+        ``colT[g, k, r - g*N]`` at ``g*stride_cg + k*stride_ck + r - g*N``.
+        """
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         r0 = pid_m * BM
@@ -356,31 +381,30 @@ if HAS_TRITON:
         mask = rmask[:, None] & cmask[None, :]
         v0, v1 = _load_source(src_ptr, aux_ptr, rows, cols, mask, stride_src, stride_aux, H, MODE)
         if WANT_ROW:
-            f = _scale_exponent(tl.load(row_amax_ptr + rows, mask=rmask, other=0.0))
-            s = _exp2_from_biased(f)[:, None]
+            ra = tl.load(row_amax_ptr + rows, mask=rmask, other=0.0)
+            s = _exp2_from_biased(_scale_exponent(ra))[:, None]
             rp = row_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
             tl.store(rp, _to_e4m3(v0 * s), mask=mask)
             if MODE == 2:
                 tl.store(rp + H, _to_e4m3(v1 * s), mask=mask)
             if pid_k == 0:
-                tl.store(row_inv_ptr + rows, _inv_scale(tl.load(row_amax_ptr + rows, mask=rmask, other=0.0)), mask=rmask)
+                tl.store(row_inv_ptr + rows, _inv_scale(ra), mask=rmask)
         if WANT_COL:
-            gsub = _group_of_subblocks(offs_ptr, r0, E, GROUP_ROWS, NSUB, SUB, EB, UNIFORM)
-            in_group = gsub < E
-            gm = in_group[:, None] & cmask[None, :]
-            ap = col_amax_ptr + gsub.to(tl.int64)[:, None] * KO + cols[None, :]
-            g = tl.reshape(tl.broadcast_to(gsub[:, None], (NSUB, SUB)), (BM,))
-            ing = tl.reshape(tl.broadcast_to(in_group[:, None], (NSUB, SUB)), (BM,))
-            # slack rows: scale 0 -> zeros in the column copy
-            f0 = _scale_exponent(tl.load(ap, mask=gm, other=0.0))
-            s0 = tl.where(gm, _exp2_from_biased(f0), 0.0)
-            s0 = tl.reshape(tl.broadcast_to(s0[:, None, :], (NSUB, SUB, BK)), (BM, BK))
-            _store_col(col_ptr, _to_e4m3(v0 * s0), rows, cols, g, mask, GROUP_ROWS, stride_cg, stride_ck)
+            g_first = _group_of_row(offs_ptr, r0, E, GROUP_ROWS, EB, UNIFORM)
+            g_last = _group_of_row(offs_ptr, tl.minimum(r0 + BM, M) - 1, E, GROUP_ROWS, EB, UNIFORM)
+            if UNIFORM:
+                base = col_ptr + g_first.to(tl.int64) * stride_cg - g_first.to(tl.int64) * GROUP_ROWS
+            else:
+                base = col_ptr
+            cp = base + cols.to(tl.int64)[:, None] * stride_ck + rows[None, :]
+            tmask = cmask[:, None] & rmask[None, :]
+            q0 = _col_values(v0, col_amax_ptr, offs_ptr, rows, cols, cmask, g_first, g_last, M, E, GROUP_ROWS, KO, EB,
+                             UNIFORM)
+            tl.store(cp, tl.trans(_to_e4m3(q0)), mask=tmask)
             if MODE == 2:
-                f1 = _scale_exponent(tl.load(ap + H, mask=gm, other=0.0))
-                s1 = tl.where(gm, _exp2_from_biased(f1), 0.0)
-                s1 = tl.reshape(tl.broadcast_to(s1[:, None, :], (NSUB, SUB, BK)), (BM, BK))
-                _store_col(col_ptr, _to_e4m3(v1 * s1), rows, cols + H, g, mask, GROUP_ROWS, stride_cg, stride_ck)
+                q1 = _col_values(v1, col_amax_ptr + H, offs_ptr, rows, cols, cmask, g_first, g_last, M, E, GROUP_ROWS,
+                                 KO, EB, UNIFORM)
+                tl.store(cp + H * stride_ck, tl.trans(_to_e4m3(q1)), mask=tmask)
             if pid_m == 0:
                 # every group's 1/scale, empty groups included (amax 0 -> finite scale)
                 for e in range(0, E):
@@ -395,17 +419,39 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _blocks(mode: int, kc: int):
-    # (BM_A, BK_A, BM_B, BK_B, warps): 64 x 128 float32 tiles; the SwiGLU backward holds
-    # five tiles (g, u, grad_h, two outputs), so half as wide.
-    bk = 64 if mode == MODE_SWIGLU_BWD else 128
-    bk = min(bk, max(16, _next_pow2(kc)))
-    return 64, bk, 64, bk, 8
+# Tile configs ((BM, BK, num_warps) of pass A, same of pass B) per source kind. BM is a
+# multiple of ALIGN; BK is clipped to the width; a weight's pass-B BM is halved until it
+# divides N. Chosen by measurement on an H100 (benchmarks/fp8_hopper.py --sweep, see
+# docs/fp8_hopper.md).
+TILE_CONFIGS = {
+    "plain": ((64, 128, 8), (64, 128, 8)),
+    "weight": ((64, 128, 8), (64, 128, 8)),
+    "swiglu": ((64, 128, 8), (64, 128, 8)),
+    "swiglu_bwd": ((64, 64, 8), (64, 64, 8)),
+}
+
+
+def _tile_key(mode: int, weight: bool) -> str:
+    if mode == MODE_PLAIN:
+        return "weight" if weight else "plain"
+    return "swiglu" if mode == MODE_SWIGLU else "swiglu_bwd"
+
+
+def _tiles(key: str, kc: int, group_rows: int, tiles=None):
+    (bma, bka, wa), (bmb, bkb, wb) = tiles or TILE_CONFIGS[key]
+    bka = min(bka, max(16, _next_pow2(kc)))
+    bkb = min(bkb, max(16, _next_pow2(kc)))
+    if group_rows:  # weights: a pass-B tile must not straddle two experts
+        while group_rows % bmb:
+            bmb //= 2
+    return bma, bka, wa, bmb, bkb, wb
 
 
 def _dual_quantize_impl(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor], offs: Optional[torch.Tensor],
-                        num_groups: int, want_row: bool, want_col: bool):
+                        num_groups: int, want_row: bool, want_col: bool, *, tiles=None, run_b: bool = True):
     """Pass A + pass B. Returns (row, row_inv, col_storage, col_inv, offs_ok).
+
+    ``tiles`` overrides TILE_CONFIGS and ``run_b=False`` skips pass B (tile sweeps only).
 
     ``offs is None`` means weight mode: ``src`` is a 3D weight flattened to (E*N, K) and the
     groups are its E experts (uniform, N rows each); the column copy is (E, K, N). Otherwise
@@ -442,7 +488,7 @@ def _dual_quantize_impl(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor
         if not weight:
             ok.copy_(((offs % ALIGN == 0).all() & (offs.diff() >= 0).all() & (offs <= m).all()).to(torch.int32).reshape(1))
         return row, row_inv, col, col_inv, ok
-    bma, bka, bmb, bkb, warps = _blocks(mode, kc)
+    bma, bka, wa, bmb, bkb, wb = _tiles(_tile_key(mode, weight), kc, group_rows, tiles)
     offs_arg = row_amax if weight else offs  # unused pointer in weight mode
     aux_arg = src if aux is None else aux
     stride_aux = 0 if aux is None else aux.stride(0)
@@ -453,8 +499,10 @@ def _dual_quantize_impl(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor
         m, group_rows, src.stride(0), stride_aux,
         KC=kc, E=e, H=h, KO=ko,
         MODE=mode, UNIFORM=weight, WANT_ROW=True, WANT_COL=want_col,
-        BM=bma, BK=bka, SUB=ALIGN, EB=eb, num_warps=warps,
+        BM=bma, BK=bka, SUB=ALIGN, EB=eb, num_warps=wa,
     )
+    if not run_b:
+        return row, row_inv, col, col_inv, ok
     _cast_kernel[(triton.cdiv(m, bmb), triton.cdiv(kc, bkb))](
         src, aux_arg, offs_arg, row_amax, col_amax if want_col else dummy,
         row if want_row else dummy, row_inv if want_row else dummy,
@@ -462,7 +510,7 @@ def _dual_quantize_impl(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor
         m, group_rows, src.stride(0), stride_aux, ko, stride_cg, stride_ck,
         KC=kc, E=e, H=h, KO=ko,
         MODE=mode, UNIFORM=weight, WANT_ROW=want_row, WANT_COL=want_col,
-        BM=bmb, BK=bkb, SUB=ALIGN, EB=eb, num_warps=warps,
+        BM=bmb, BK=bkb, SUB=ALIGN, EB=eb, num_warps=wb,
     )
     return row, row_inv, col, col_inv, ok
 

@@ -14,7 +14,7 @@ static number of rows (an upper bound); rows past ``padded_offsets[-1]`` are zer
 
 Data movement only copies bits (float8, bfloat16 and float32 alike are moved as
 same-width integers), so the pad/unpad/permute results are exact. The combine
-(weighted sum over top-k) accumulates in float32 in slot order ``j = 0..k-1`` with
+(weighted sum over top-k) accumulates in float32 (float64 for float64 data) in slot order ``j = 0..k-1`` with
 separate multiply and add (no FMA contraction), which the reference reproduces.
 
 No kernel or launcher here reads device data on the host: counts, offsets and
@@ -58,7 +58,12 @@ __all__ = [
 
 # Data movement is done on the raw bits: exact for every dtype (NaN payloads, -0.0).
 _BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_COMBINE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_COMBINE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float32 accumulation, float64 for float64 data (gradcheck)
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _as_bits(t: Tensor) -> Tensor:
@@ -194,10 +199,11 @@ def combine_reference(y: Tensor, dest_rows: Tensor, weights: Optional[Tensor], t
     """
     num_tokens = dest_rows.numel() // top_k
     d = dest_rows.view(num_tokens, top_k).to(torch.int64)
-    w = weights.reshape(num_tokens, top_k).float() if weights is not None else None
+    acc_dtype = _acc_dtype(y.dtype)
+    w = weights.reshape(num_tokens, top_k).to(acc_dtype) if weights is not None else None
     acc = None
     for j in range(top_k):
-        term = y[d[:, j]].float()
+        term = y[d[:, j]].to(acc_dtype)
         if w is not None:
             term = term * w[:, j, None]
         acc = term if acc is None else acc + term
@@ -218,7 +224,8 @@ def combine_backward_reference(
     padding rows, and ``grad_w`` (T, k) weights.dtype. One not needed comes back empty (0,)."""
     grad_y = y.new_empty(0)
     grad_w = y.new_empty(0) if weights is None else weights.new_empty(0)
-    g32 = grad_out.float()
+    acc_dtype = _acc_dtype(y.dtype)
+    g32 = grad_out.to(acc_dtype)
     if need_grad_y:
         s = source_rows.to(torch.int64)
         valid = s >= 0
@@ -226,13 +233,13 @@ def combine_backward_reference(
         # padding rows index an appended zero row / zero weight (also when T == 0)
         g = torch.cat([g32, g32.new_zeros(1, g32.shape[1])])[torch.where(valid, s // top_k, num_tokens)]
         if weights is not None:
-            w = torch.cat([weights.reshape(-1).float(), g32.new_zeros(1)])
+            w = torch.cat([weights.reshape(-1).to(acc_dtype), g32.new_zeros(1)])
             g = g * w[torch.where(valid, s, num_copies)][:, None]
         grad_y = torch.where(valid[:, None], g, 0.0).to(y.dtype)
     if need_grad_w:
         d = dest_rows.to(torch.int64)
         tok = torch.arange(d.numel(), device=d.device) // top_k
-        dots = (g32[tok] * y[d].float()).sum(-1)
+        dots = (g32[tok] * y[d].to(acc_dtype)).sum(-1)
         grad_w = dots.view(weights.shape).to(weights.dtype)
     return grad_y, grad_w
 
@@ -367,15 +374,19 @@ if HAS_TRITON:
             tl.store(out_ptrs, vals, mask=row_ok[:, None] & cmask)
 
     @triton.jit
-    def _route_count_kernel(ids_ptr, block_counts_ptr, F, E, BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr):
-        # per-block histogram of expert ids; out-of-range ids count nowhere (then the
-        # totals miss F and the caller's assert fires)
+    def _route_count_kernel(
+        ids_ptr, block_counts_ptr, F, E, num_blocks, BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr
+    ):
+        # per-block histogram of expert ids, stored (E, num_blocks) so that the prefix sum
+        # over blocks runs along the contiguous dim (torch's scan over an outer dim walks
+        # the blocks one after another); out-of-range ids count nowhere (then the totals
+        # miss F and the caller's assert fires)
         pid = tl.program_id(0)
         f = pid * BLOCK_F + tl.arange(0, BLOCK_F)
         ids = tl.load(ids_ptr + f, mask=f < F, other=-1).to(tl.int64)
         e = tl.arange(0, BLOCK_E)
         hist = tl.sum((ids[:, None] == e[None, :].to(tl.int64)).to(tl.int32), axis=0)
-        tl.store(block_counts_ptr + pid * E + e, hist, mask=e < E)
+        tl.store(block_counts_ptr + e * num_blocks + pid, hist, mask=e < E)
 
     @triton.jit
     def _route_index_kernel(
@@ -401,7 +412,7 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         e = tl.arange(0, BLOCK_E)
         emask = e < E
-        c = tl.load(incl_ptr + (num_blocks - 1) * E + e, mask=emask, other=0)
+        c = tl.load(incl_ptr + e * num_blocks + (num_blocks - 1), mask=emask, other=0)
         sizes = (c + (ALIGN - 1)) // ALIGN * ALIGN
         ends = tl.cumsum(sizes, 0)
         starts = ends - sizes
@@ -411,14 +422,14 @@ if HAS_TRITON:
         tl.store(starts_ptr + e, starts, mask=emask & first)
         tl.store(ok_ptr, (tl.sum(c, 0) == F).to(tl.int32), mask=first)
 
-        row = pid * E + e
-        before = tl.load(incl_ptr + row, mask=emask, other=0) - tl.load(block_counts_ptr + row, mask=emask, other=0)
+        col = e * num_blocks + pid
+        before = tl.load(incl_ptr + col, mask=emask, other=0) - tl.load(block_counts_ptr + col, mask=emask, other=0)
         base = starts + before
         f = pid * BLOCK_F + tl.arange(0, BLOCK_F)
         fmask = f < F
         ids = tl.load(ids_ptr + f, mask=fmask, other=-1).to(tl.int64)
         onehot = (ids[:, None] == e[None, :].to(tl.int64)).to(tl.int32)
-        rank = tl.cumsum(onehot, 0, reverse=True) - 1 + base[None, :]
+        rank = tl.cumsum(onehot, 0) - 1 + base[None, :]
         dest = tl.sum(onehot * rank, axis=1)  # 0 for out-of-range ids: never out of bounds
         tl.store(dest_ptr + f, dest, mask=fmask)
         valid = fmask & (tl.sum(onehot, axis=1) > 0) & (dest < num_out_rows)
@@ -436,6 +447,7 @@ if HAS_TRITON:
         TOP_K: tl.constexpr,
         HAS_W: tl.constexpr,
         MANUAL_BF16: tl.constexpr,
+        ACC: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_N: tl.constexpr,
         EVEN_N: tl.constexpr,
@@ -449,14 +461,14 @@ if HAS_TRITON:
             nmask = n[None, :] >= 0
         else:
             nmask = n[None, :] < N
-        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=ACC)
         for j in tl.static_range(TOP_K):
             d = tl.load(dest_ptr + t * TOP_K + j, mask=t_ok, other=0)
             ok = t_ok & (d >= 0) & (d < R)
             v = tl.load(y_ptr + d.to(tl.int64)[:, None] * N + n[None, :], mask=ok[:, None] & nmask, other=0)
-            v = v.to(tl.float32)
+            v = v.to(ACC)
             if HAS_W:
-                w = tl.load(w_ptr + t * TOP_K + j, mask=t_ok, other=0).to(tl.float32)
+                w = tl.load(w_ptr + t * TOP_K + j, mask=t_ok, other=0).to(ACC)
                 v = v * w[:, None]
             if j == 0:
                 acc = v
@@ -484,6 +496,7 @@ if HAS_TRITON:
         NEED_GW: tl.constexpr,
         MANUAL_BF16_GY: tl.constexpr,
         MANUAL_BF16_GW: tl.constexpr,
+        ACC: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         N_CHUNKS: tl.constexpr,
@@ -498,14 +511,14 @@ if HAS_TRITON:
         valid = f >= 0
         t = tl.where(valid, f, 0) // TOP_K
         if HAS_W:
-            w = tl.load(w_ptr + f, mask=valid, other=0).to(tl.float32)
-        dot = tl.zeros([BLOCK_M], dtype=tl.float32)
+            w = tl.load(w_ptr + f, mask=valid, other=0).to(ACC)
+        dot = tl.zeros([BLOCK_M], dtype=ACC)
         # constexpr trip count: the interpreter cannot loop to a run-time bound
         for chunk in range(0, N_CHUNKS):
             n = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
             nmask = n[None, :] < N
             g = tl.load(gout_ptr + t.to(tl.int64)[:, None] * N + n[None, :], mask=valid[:, None] & nmask, other=0)
-            g = g.to(tl.float32)
+            g = g.to(ACC)
             if NEED_GY:
                 gy = g
                 if HAS_W:
@@ -517,7 +530,7 @@ if HAS_TRITON:
                     tl.store(gy_ptrs, gy.to(gy_ptr.dtype.element_ty), mask=r_ok[:, None] & nmask)
             if NEED_GW:
                 yv = tl.load(y_ptr + r.to(tl.int64)[:, None] * N + n[None, :], mask=valid[:, None] & nmask, other=0)
-                dot += tl.sum(g * yv.to(tl.float32), axis=1)
+                dot += tl.sum(g * yv.to(ACC), axis=1)
         if NEED_GW:
             if MANUAL_BF16_GW:
                 tl.store(gw_ptr + f, _f32_to_bf16_rne_bits(dot), mask=valid)
@@ -544,8 +557,8 @@ def _block_e(num_groups: int) -> int:
 
 # Tiles of the copy kernels: ROW_BYTES of a row per program column, BLOCK_M rows.
 # Tuned on H100 with benchmarks/padding.py (see benchmarks/results/padding_h100.md).
-COPY_CONFIG = {"row_bytes": 2048, "block_m": 16, "num_warps": 4}
-COMBINE_CONFIG = {"row_bytes": 1024, "block_t": 4, "num_warps": 4}
+COPY_CONFIG = {"row_bytes": 4096, "block_m": 8, "num_warps": 4}
+COMBINE_CONFIG = {"row_bytes": 4096, "block_t": 1, "num_warps": 4}
 
 
 def _copy_tiles(D: int, elsize: int, num_groups: int, config: Optional[dict]):
@@ -717,10 +730,10 @@ def permute_and_pad_triton(
     block_e = _block_e(E)
     block_f = max(16, min(1024, 8192 // block_e, _next_pow2(max(F, 1))))
     num_blocks = max(1, _cdiv(F, block_f))
-    block_counts = torch.empty((num_blocks, E), dtype=torch.int32, device=dev)
+    block_counts = torch.empty((E, num_blocks), dtype=torch.int32, device=dev)
     ids_arg = _nonempty(ids)
-    _route_count_kernel[(num_blocks,)](ids_arg, block_counts, F, E, BLOCK_F=block_f, BLOCK_E=block_e)
-    incl = torch.cumsum(block_counts, 0, dtype=torch.int32)
+    _route_count_kernel[(num_blocks,)](ids_arg, block_counts, F, E, num_blocks, BLOCK_F=block_f, BLOCK_E=block_e)
+    incl = torch.cumsum(block_counts, 1, dtype=torch.int32)
     counts = torch.empty(E, dtype=torch.int64, device=dev)
     offs = torch.empty(E, dtype=torch.int32, device=dev)
     starts = torch.empty(E, dtype=torch.int32, device=dev)
@@ -794,6 +807,7 @@ def combine_triton(
         TOP_K=top_k,
         HAS_W=weights is not None,
         MANUAL_BF16=manual,
+        ACC=tl.float64 if y.dtype == torch.float64 else tl.float32,
         BLOCK_T=block_t,
         BLOCK_N=block_n,
         EVEN_N=N % block_n == 0,
@@ -846,6 +860,7 @@ def combine_backward_triton(
         NEED_GW=need_grad_w,
         MANUAL_BF16_GY=mgy,
         MANUAL_BF16_GW=mgw,
+        ACC=tl.float64 if y.dtype == torch.float64 else tl.float32,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         N_CHUNKS=_cdiv(N, block_n),

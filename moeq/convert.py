@@ -14,7 +14,7 @@ from torch import nn
 from moeq import padding as _padding
 from moeq.experts import GroupedExperts, group_end_offsets, swiglu, swiglu_experts
 from moeq.padding_policy import is_expert_parallel, needs_padding
-from moeq.quant.dispatch import KERNEL_AUTO, get_kernel, select_kernel
+from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, get_kernel, select_kernel
 from moeq.quant.grouped_mm import quantized_grouped_mm
 from moeq.recipes import GROUP_ALIGNMENT, QuantizationType, RecipeLike, parse_recipe
 
@@ -38,12 +38,44 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_kernel(qtype: QuantizationType, kernel: str, device: torch.device) -> str:
-    """The concrete kernel name ``kernel`` ("auto" or a name) means for qtype on device."""
+    """The concrete per-GEMM kernel name ``kernel`` ("auto" or a name) means for qtype on device."""
     return select_kernel(kernel, qtype, device).name
 
 
+def fused_experts_kernel(qtype: QuantizationType, kernel: str, device: torch.device) -> Optional[Callable]:
+    """The whole-SwiGLU fused Hopper kernel for ``kernel`` ("auto" or "triton"), or None.
+
+    Fused kernels quantize each activation once inside the passes that already touch it
+    (see docs/fp8_hopper.md, docs/mxfp8_hopper.md); they exist for SM90. ``"auto"`` takes
+    them there; ``"triton"`` insists and raises elsewhere, naming the kernel to use.
+    """
+    if kernel not in (KERNEL_AUTO, KERNEL_TRITON) or qtype is QuantizationType.BF16:
+        return None
+    sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+    if not sm90:
+        if kernel == KERNEL_TRITON:
+            raise RuntimeError(
+                f"kernel='triton' ({qtype.value} fused Hopper experts) needs an SM90 GPU, got {device}: "
+                f"use kernel='auto' or kernel='emulated'"
+            )
+        return None
+    if qtype is QuantizationType.FP8:
+        from moeq.quant.fp8_hopper import fp8_swiglu_experts
+
+        return fp8_swiglu_experts
+    from moeq.quant.mxfp8_hopper import mxfp8_swiglu_experts
+
+    return mxfp8_swiglu_experts
+
+
 def _swiglu_experts_quantized(x, gate_up_proj, down_proj, offs, qtype, kernel):
-    """SwiGLU experts through the recipe's GEMMs on an already aligned layout."""
+    """SwiGLU experts through the recipe's GEMMs on an already aligned layout.
+
+    ``kernel`` is the user's choice ("auto", "triton", or a per-GEMM kernel name)."""
+    fused = fused_experts_kernel(qtype, kernel, x.device)
+    if fused is not None:
+        return fused(x, gate_up_proj, down_proj, offs)
+    kernel = resolve_kernel(qtype, kernel, x.device)
     h = swiglu(quantized_grouped_mm(x, gate_up_proj, offs, qtype=qtype, kernel=kernel))
     return quantized_grouped_mm(h, down_proj, offs, qtype=qtype, kernel=kernel)
 
@@ -60,7 +92,7 @@ class QuantizedGroupedExperts(ConvertedExperts, GroupedExperts):
                 x, w13, w2, num_tokens_per_expert,
                 compute_backend=self.compute_backend, group_alignment=group_alignment,
             )
-        kernel = resolve_kernel(qtype, self.moeq_kernel, x.device)
+        kernel = self.moeq_kernel
         if needs_padding(qtype, group_alignment):
             align = GROUP_ALIGNMENT[qtype]
             padded, layout = _padding.pad_token_groups(x, num_tokens_per_expert, align)
@@ -93,7 +125,9 @@ def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
         )
     qtype = self.moeq_recipe
     align = GROUP_ALIGNMENT[qtype]
-    kernel = resolve_kernel(qtype, self.moeq_kernel, hidden_states.device) if align else None
+    # HF experts may use other activations and biases: per-GEMM kernels, not the fused SwiGLU.
+    kernel_choice = KERNEL_AUTO if self.moeq_kernel == KERNEL_TRITON else self.moeq_kernel
+    kernel = resolve_kernel(qtype, kernel_choice, hidden_states.device) if align else None
     num_experts = self.num_experts
     grouped, counts, layout = _padding.permute_and_pad(hidden_states, top_k_index, num_experts, align)
     offs = group_end_offsets(counts, align)
@@ -146,9 +180,8 @@ def _torchtitan_forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tens
     w13 = torch.cat([w1, w3], dim=1)  # one fused gate|up GEMM: x is quantized and read once
     if qtype is QuantizationType.BF16:
         return swiglu_experts(x, w13, w2, num_tokens_per_expert)
-    kernel = resolve_kernel(qtype, self.moeq_kernel, x.device)
     padded, layout = _padding.pad_token_groups(x, num_tokens_per_expert, GROUP_ALIGNMENT[qtype])
-    y = _swiglu_experts_quantized(padded, w13, w2, layout.padded_offsets, qtype, kernel)
+    y = _swiglu_experts_quantized(padded, w13, w2, layout.padded_offsets, qtype, self.moeq_kernel)
     return _padding.unpad_token_groups(y, layout)
 
 
@@ -237,7 +270,7 @@ def convert_model(
             the recipe's alignment (names the module, the dim and the multiple).
     """
     qtype = parse_recipe(recipe)
-    if kernel != KERNEL_AUTO:
+    if kernel not in (KERNEL_AUTO, KERNEL_TRITON):
         get_kernel(kernel)  # ValueError listing the valid names
     converted = []
     for fqn, module in model.named_modules():

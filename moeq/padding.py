@@ -447,14 +447,14 @@ def combine_token_groups(padded_y: Tensor, layout: PaddedLayout, weights: Option
     """Unpad, unpermute and sum each token's k expert outputs, weighted, in one pass.
 
     Args:
-        padded_y: (padded_rows(T*k, E, a), N) float32/bfloat16/float16 expert outputs on
+        padded_y: (padded_rows(T*k, E, a), N) float32/bfloat16/float16/float64 expert outputs on
             the layout of :func:`permute_and_pad`; padding and slack rows are never read.
         layout: the :class:`PaddedLayout` from :func:`permute_and_pad`.
         weights: (T, k) routing scores (any float dtype), or None for a plain sum.
 
     Returns:
         (T, N) padded_y.dtype: ``out[t] = sum_j weights[t, j] * padded_y[row(t, j)]``,
-        accumulated in float32 in slot order. Differentiable w.r.t. ``padded_y`` and
+        accumulated in float32 (float64 for float64 data) in slot order. Differentiable w.r.t. ``padded_y`` and
         ``weights``.
     """
     _check_padded(padded_y, layout, "combine_token_groups")
@@ -464,8 +464,10 @@ def combine_token_groups(padded_y: Tensor, layout: PaddedLayout, weights: Option
             "layouts use unpad_token_groups"
         )
     if padded_y.dtype not in _k._COMBINE_DTYPES:
-        raise TypeError(f"combine_token_groups sums in float32 and returns padded_y.dtype; got {padded_y.dtype}, "
-                        f"use one of {', '.join(map(str, _k._COMBINE_DTYPES))}")
+        raise TypeError(
+            f"combine_token_groups sums in float32 and returns padded_y.dtype; got {padded_y.dtype}, "
+            f"use one of {', '.join(map(str, _k._COMBINE_DTYPES))}"
+        )
     T = layout.num_rows // layout.top_k
     if weights is not None:
         if not isinstance(weights, Tensor) or not weights.dtype.is_floating_point:

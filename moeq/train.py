@@ -131,7 +131,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if t0 is not None:
             timed_steps += 1
         tps = timed_steps * tokens_per_step / max(time.perf_counter() - t0, 1e-9) if t0 and timed_steps else 0.0

@@ -433,9 +433,11 @@ def test_torch_compile_fullgraph_traces_emulated_path(qtype):
 # --------------------------------------------------------------------------- dispatch
 
 def test_auto_selection_on_cpu():
-    assert dispatch.select_kernel("auto", "fp8", "cpu").name == "emulated"
-    assert dispatch.select_kernel("auto", "mxfp8", "cpu").name == "emulated"
-    assert dispatch.available_kernels("fp8", "cpu") == ["emulated"]
+    for qtype in ("fp8", "mxfp8"):
+        names = dispatch.available_kernels(qtype, "cpu")
+        assert "emulated" in names and "torch" not in names
+        assert dispatch.select_kernel("auto", qtype, "cpu").name == names[0]
+    assert dispatch.select_kernel("auto", "bf16", "cpu").name == "torch"  # plain torch._grouped_mm
     assert set(dispatch.kernel_names()) >= {"auto", "emulated", "torch"}
 
 
@@ -539,7 +541,7 @@ def test_more_bad_inputs():
 
 def _cuda_case(qtype, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    align = GROUP_ALIGNMENT[qtype]
+    align = GROUP_ALIGNMENT[qtype] or max(v for v in GROUP_ALIGNMENT.values() if v)
     counts = [8 * align, 0, 20 * align, 3 * align, 0, 11 * align + 7]  # unaligned last end
     offs = _offs(counts).cuda()
     m, k, n = int(offs[-1]) + 13, 512, 768

@@ -139,6 +139,12 @@ def _finite_checks_on(check_finite: Optional[bool], device: torch.device) -> boo
     return check_finite
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Skip no-op casts: torch 2.11's compiled autograd.Function miscompiles a no-op
+    # .to() on a kernel output (it failed with bad strides / returned zero grads).
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class _QuantizedGroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, offs, qtype, kernel_name, check_finite):
@@ -147,7 +153,7 @@ class _QuantizedGroupedMM(torch.autograd.Function):
         ctx.qtype = qtype
         ctx.kernel_name = kernel_name
         ctx.check_finite = check_finite
-        return kernel.forward(a, b, offs, qtype).to(a.dtype)
+        return _cast(kernel.forward(a, b, offs, qtype), a.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -158,9 +164,9 @@ class _QuantizedGroupedMM(torch.autograd.Function):
             _check_finite(grad_out, "grad_out (the gradient of quantized_grouped_mm's output)")
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_a = kernel.dgrad(grad_out, b, offs, ctx.qtype).to(a.dtype)
+            grad_a = _cast(kernel.dgrad(grad_out, b, offs, ctx.qtype), a.dtype)
         if ctx.needs_input_grad[1]:
-            grad_b = kernel.wgrad(grad_out, a, offs, ctx.qtype).to(b.dtype)
+            grad_b = _cast(kernel.wgrad(grad_out, a, offs, ctx.qtype), b.dtype)
         return grad_a, grad_b, None, None, None, None
 
 

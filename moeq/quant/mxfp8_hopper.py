@@ -35,7 +35,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from moeq.quant.mxfp8 import MX_BLOCK_SIZE
+from moeq.kernels import mxfp8_hopper as _k
+from moeq.quant.groups import zero_slack_rows
+from moeq.quant.mxfp8 import MX_BLOCK_SIZE, mxfp8_fake_quantize
 from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
 
 _ALIGN = GROUP_ALIGNMENT[QuantizationType.MXFP8]
@@ -44,28 +46,25 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 def _ops(device: torch.device):
     """The fake-quant implementation for ``device``: Triton kernels, or their references on CPU."""
-    from moeq.kernels import mxfp8_hopper as k
-
     if device.type == "cuda" or _INTERPRET:
         return (
-            k.mxfp8_fake_quant_2d,
-            k.mxfp8_fake_quant_weight,
-            k.mxfp8_swiglu_fake_quant,
-            k.mxfp8_swiglu_backward_fake_quant,
-            k.zero_slack_rows_,
+            _k.mxfp8_fake_quant_2d,
+            _k.mxfp8_fake_quant_weight,
+            _k.mxfp8_swiglu_fake_quant,
+            _k.mxfp8_swiglu_backward_fake_quant,
+            _k.zero_slack_rows_,
         )
     return (_ref_2d, _ref_weight, _ref_swiglu, _ref_swiglu_bwd, _ref_zero_slack)
 
 
 def _ref_2d(x, offs=None, *, rows=True, cols=True):
-    from moeq.kernels import mxfp8_hopper as k
-
-    return (k.fake_quant_rows_reference(x, offs) if rows else None, k.fake_quant_cols_reference(x, offs) if cols else None)
+    return (
+        _k.fake_quant_rows_reference(x, offs) if rows else None,
+        _k.fake_quant_cols_reference(x, offs) if cols else None,
+    )
 
 
 def _ref_weight(w, *, along_k=True, along_n=True):
-    from moeq.quant.mxfp8 import mxfp8_fake_quantize
-
     return (
         mxfp8_fake_quantize(w, -1, out_dtype=torch.bfloat16) if along_k else None,
         mxfp8_fake_quantize(w, -2, out_dtype=torch.bfloat16) if along_n else None,
@@ -73,20 +72,14 @@ def _ref_weight(w, *, along_k=True, along_n=True):
 
 
 def _ref_swiglu(gate_up, offs, *, rows=True, cols=True):
-    from moeq.kernels import mxfp8_hopper as k
-
-    return _ref_2d(k.swiglu_reference(gate_up), offs, rows=rows, cols=cols)
+    return _ref_2d(_k.swiglu_reference(gate_up), offs, rows=rows, cols=cols)
 
 
 def _ref_swiglu_bwd(grad_h, gate_up, offs, *, rows=True, cols=True):
-    from moeq.kernels import mxfp8_hopper as k
-
-    return _ref_2d(k.swiglu_backward_reference(grad_h, gate_up), offs, rows=rows, cols=cols)
+    return _ref_2d(_k.swiglu_backward_reference(grad_h, gate_up), offs, rows=rows, cols=cols)
 
 
 def _ref_zero_slack(out, offs):
-    from moeq.quant.groups import zero_slack_rows
-
     return out.copy_(zero_slack_rows(out, offs))
 
 
