@@ -215,13 +215,19 @@ def stage_breakdown(inputs, gy, do_bench):
     return rows
 
 
+# Candidate tile configs per source kind (see moeq.kernels.fp8_rowwise.TILE_CONFIGS):
+# pass A (BM, BK, warps, K-chunks per program), pass B (BM, BK, warps, float32 transpose).
 SWEEP_A = {
-    "default": [(64, 128, 8), (64, 256, 8), (128, 128, 8), (32, 256, 4)],
-    "swiglu_bwd": [(64, 64, 8), (64, 128, 8), (128, 64, 8), (32, 128, 4)],
+    "plain": [(32, 256, 4, 1), (32, 256, 4, 4), (64, 128, 4, 4)],
+    "weight": [(128, 128, 8, 1), (64, 128, 8, 4), (32, 256, 4, 4)],
+    "swiglu": [(32, 256, 4, 1), (32, 256, 4, 4), (64, 128, 4, 4)],
+    "swiglu_bwd": [(32, 128, 4, 1), (32, 128, 4, 4), (64, 64, 4, 4)],
 }
 SWEEP_B = {
-    "default": [(64, 128, 8), (128, 64, 8), (128, 128, 8), (64, 64, 4)],
-    "swiglu_bwd": [(64, 64, 8), (128, 64, 8), (128, 32, 8), (64, 32, 4)],
+    "plain": [(64, 64, 4, 0), (64, 64, 4, 1), (64, 128, 8, 1)],
+    "weight": [(64, 64, 4, 0), (64, 64, 4, 1), (64, 128, 8, 1)],
+    "swiglu": [(64, 64, 4, 0), (64, 64, 4, 1), (64, 128, 8, 1)],
+    "swiglu_bwd": [(64, 64, 8, 0), (64, 64, 8, 1), (64, 64, 4, 1)],
 }
 
 
@@ -247,8 +253,7 @@ def sweep_tiles(do_bench, shape="dsv3_ep8_local"):
     bytes_b = {"plain": 4, "weight": 4, "swiglu": 6, "swiglu_bwd": 10}
     out = {}
     for key, (mode, src, aux, o, n) in cases.items():
-        A = SWEEP_A.get(key, SWEEP_A["default"])
-        B = SWEEP_B.get(key, SWEEP_B["default"])
+        A, B = SWEEP_A[key], SWEEP_B[key]
         ta = {}
         for cfg in A:
             try:

@@ -276,15 +276,37 @@ if HAS_TRITON:
         return g
 
     @triton.jit
+    def _col_amax_atomics(col_amax_ptr, offs_ptr, a, cols, cmask, rows, r0, g_first, g_last,
+                          E: tl.constexpr, GROUP_ROWS, KO: tl.constexpr, BM: tl.constexpr, SUB: tl.constexpr,
+                          EB: tl.constexpr, UNIFORM: tl.constexpr):
+        # atomic max of the tile's per-group column maxima into col_amax (int32 view of
+        # float32 amax >= 0: integer order is float order, one atomic per element)
+        if g_first == g_last:
+            # common case: the whole tile is in one group (or all slack)
+            if g_first < E:
+                tl.atomic_max(col_amax_ptr + g_first.to(tl.int64) * KO + cols,
+                              tl.max(a, axis=0).to(tl.int32, bitcast=True), mask=cmask, sem="relaxed")
+        else:
+            # the tile straddles groups; groups start at multiples of SUB, so each SUB-row
+            # sub-block lies in one group
+            for j in tl.static_range(0, BM // SUB):
+                gj = _group_of_row(offs_ptr, r0 + j * SUB, E, GROUP_ROWS, EB, UNIFORM)
+                if gj < E:
+                    sel = ((rows >= r0 + j * SUB) & (rows < r0 + (j + 1) * SUB))[:, None]
+                    tl.atomic_max(col_amax_ptr + gj.to(tl.int64) * KO + cols,
+                                  tl.max(tl.where(sel, a, 0.0), axis=0).to(tl.int32, bitcast=True),
+                                  mask=cmask, sem="relaxed")
+
+    @triton.jit
     def _amax_kernel(
         src_ptr, aux_ptr, offs_ptr, row_amax_ptr, col_amax_ptr, ok_ptr,
         M, GROUP_ROWS, stride_src, stride_aux,
         KC: tl.constexpr, E: tl.constexpr, H: tl.constexpr, KO: tl.constexpr,
         MODE: tl.constexpr, UNIFORM: tl.constexpr, WANT_ROW: tl.constexpr, WANT_COL: tl.constexpr,
-        BM: tl.constexpr, BK: tl.constexpr, SUB: tl.constexpr, EB: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr, SUB: tl.constexpr, EB: tl.constexpr, NKB: tl.constexpr,
     ):
-        """Pass A, one (BM, BK) tile per program: atomic max into the row amax (M,) and the
-        per-group column amax (E, KO), both zero-initialized.
+        """Pass A, one (BM, NKB*BK) tile per program: atomic max into the row amax (M,) and the
+        per-group column amax (E, KO), both zero-initialized and passed as int32 views.
 
         Program (0, 0) also writes ok_ptr[0] = 1 if ``offs`` is a valid layout
         (non-decreasing, multiples of SUB, last <= M), else 0 (grouped mode only).
@@ -303,40 +325,28 @@ if HAS_TRITON:
         r0 = pid_m * BM
         rows = r0 + tl.arange(0, BM)
         rmask = rows < M
-        cols = pid_k * BK + tl.arange(0, BK)
-        cmask = cols < KC
-        mask = rmask[:, None] & cmask[None, :]
-        v0, v1 = _load_source(src_ptr, aux_ptr, rows, cols, mask, stride_src, stride_aux, H, MODE)
-        a0 = _abs_nan_inf(v0)
-        a1 = a0
-        row_amax = tl.max(a0, axis=1)
-        if MODE == 2:
-            a1 = _abs_nan_inf(v1)
-            row_amax = tl.maximum(row_amax, tl.max(a1, axis=1))
+        g_first = _group_of_row(offs_ptr, r0, E, GROUP_ROWS, EB, UNIFORM)
+        g_last = _group_of_row(offs_ptr, tl.minimum(r0 + BM, M) - 1, E, GROUP_ROWS, EB, UNIFORM)
+        acc = tl.zeros((BM, BK), dtype=tl.float32)  # running elementwise max: one row reduction at the end
+        for kk in tl.static_range(0, NKB):
+            cols = (pid_k * NKB + kk) * BK + tl.arange(0, BK)
+            cmask = cols < KC
+            mask = rmask[:, None] & cmask[None, :]
+            v0, v1 = _load_source(src_ptr, aux_ptr, rows, cols, mask, stride_src, stride_aux, H, MODE)
+            a0 = _abs_nan_inf(v0)
+            acc = tl.maximum(acc, a0)
+            if WANT_COL:
+                _col_amax_atomics(col_amax_ptr, offs_ptr, a0, cols, cmask, rows, r0, g_first, g_last,
+                                  E, GROUP_ROWS, KO, BM, SUB, EB, UNIFORM)
+            if MODE == 2:
+                a1 = _abs_nan_inf(v1)
+                acc = tl.maximum(acc, a1)
+                if WANT_COL:
+                    _col_amax_atomics(col_amax_ptr + H, offs_ptr, a1, cols, cmask, rows, r0, g_first, g_last,
+                                      E, GROUP_ROWS, KO, BM, SUB, EB, UNIFORM)
         if WANT_ROW:
-            tl.atomic_max(row_amax_ptr + rows, row_amax, mask=rmask, sem="relaxed")
-        if WANT_COL:
-            g_first = _group_of_row(offs_ptr, r0, E, GROUP_ROWS, EB, UNIFORM)
-            g_last = _group_of_row(offs_ptr, tl.minimum(r0 + BM, M) - 1, E, GROUP_ROWS, EB, UNIFORM)
-            if g_first == g_last:
-                # common case: the whole tile is in one group (or all slack)
-                if g_first < E:
-                    base = col_amax_ptr + g_first.to(tl.int64) * KO
-                    tl.atomic_max(base + cols, tl.max(a0, axis=0), mask=cmask, sem="relaxed")
-                    if MODE == 2:
-                        tl.atomic_max(base + H + cols, tl.max(a1, axis=0), mask=cmask, sem="relaxed")
-            else:
-                # the tile straddles groups; groups start at multiples of SUB, so each
-                # SUB-row sub-block lies in one group
-                for j in tl.static_range(0, BM // SUB):
-                    gj = _group_of_row(offs_ptr, r0 + j * SUB, E, GROUP_ROWS, EB, UNIFORM)
-                    if gj < E:
-                        sel = ((rows >= r0 + j * SUB) & (rows < r0 + (j + 1) * SUB))[:, None]
-                        base = col_amax_ptr + gj.to(tl.int64) * KO
-                        tl.atomic_max(base + cols, tl.max(tl.where(sel, a0, 0.0), axis=0), mask=cmask, sem="relaxed")
-                        if MODE == 2:
-                            tl.atomic_max(base + H + cols, tl.max(tl.where(sel, a1, 0.0), axis=0), mask=cmask,
-                                          sem="relaxed")
+            tl.atomic_max(row_amax_ptr + rows, tl.max(acc, axis=1).to(tl.int32, bitcast=True), mask=rmask,
+                          sem="relaxed")
 
     @triton.jit
     def _col_values(v, col_amax_ptr, offs_ptr, rows, cols, cmask, g_first, g_last, M,
@@ -363,7 +373,7 @@ if HAS_TRITON:
         M, GROUP_ROWS, stride_src, stride_aux, stride_row, stride_cg, stride_ck,
         KC: tl.constexpr, E: tl.constexpr, H: tl.constexpr, KO: tl.constexpr,
         MODE: tl.constexpr, UNIFORM: tl.constexpr, WANT_ROW: tl.constexpr, WANT_COL: tl.constexpr,
-        BM: tl.constexpr, BK: tl.constexpr, SUB: tl.constexpr, EB: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr, SUB: tl.constexpr, EB: tl.constexpr, TRANS_F32: tl.constexpr,
     ):
         """Pass B: write the row copy (M, KO) and/or the transposed column copy, plus 1/scale.
 
@@ -400,11 +410,18 @@ if HAS_TRITON:
             tmask = cmask[:, None] & rmask[None, :]
             q0 = _col_values(v0, col_amax_ptr, offs_ptr, rows, cols, cmask, g_first, g_last, M, E, GROUP_ROWS, KO, EB,
                              UNIFORM)
-            tl.store(cp, tl.trans(_to_e4m3(q0)), mask=tmask)
+            # transpose through shared memory as float32 (TRANS_F32) or as e4m3 bytes
+            if TRANS_F32:
+                tl.store(cp, _to_e4m3(tl.trans(q0)), mask=tmask)
+            else:
+                tl.store(cp, tl.trans(_to_e4m3(q0)), mask=tmask)
             if MODE == 2:
                 q1 = _col_values(v1, col_amax_ptr + H, offs_ptr, rows, cols, cmask, g_first, g_last, M, E, GROUP_ROWS,
                                  KO, EB, UNIFORM)
-                tl.store(cp + H * stride_ck, tl.trans(_to_e4m3(q1)), mask=tmask)
+                if TRANS_F32:
+                    tl.store(cp + H * stride_ck, _to_e4m3(tl.trans(q1)), mask=tmask)
+                else:
+                    tl.store(cp + H * stride_ck, tl.trans(_to_e4m3(q1)), mask=tmask)
             if pid_m == 0:
                 # every group's 1/scale, empty groups included (amax 0 -> finite scale)
                 for e in range(0, E):
@@ -419,15 +436,15 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-# Tile configs ((BM, BK, num_warps) of pass A, same of pass B) per source kind. BM is a
-# multiple of ALIGN; BK is clipped to the width; a weight's pass-B BM is halved until it
-# divides N. Chosen by measurement on an H100 (benchmarks/fp8_hopper.py --sweep, see
+# Tile configs per source kind: pass A (BM, BK, num_warps, K-chunks per program), pass B
+# (BM, BK, num_warps, transpose as float32). BM is a multiple of ALIGN; BK is clipped to the
+# width; a weight's pass-B BM is halved until it divides N. Chosen by measurement on an H100 (benchmarks/fp8_hopper.py --sweep, see
 # docs/fp8_hopper.md).
 TILE_CONFIGS = {
-    "plain": ((64, 128, 8), (64, 128, 8)),
-    "weight": ((64, 128, 8), (64, 128, 8)),
-    "swiglu": ((64, 128, 8), (64, 128, 8)),
-    "swiglu_bwd": ((64, 64, 8), (64, 64, 8)),
+    "plain": ((32, 256, 4, 1), (64, 64, 4, 0)),
+    "weight": ((128, 128, 8, 1), (64, 64, 4, 0)),
+    "swiglu": ((32, 256, 4, 1), (64, 64, 4, 0)),
+    "swiglu_bwd": ((32, 128, 4, 1), (64, 64, 8, 0)),
 }
 
 
@@ -438,13 +455,14 @@ def _tile_key(mode: int, weight: bool) -> str:
 
 
 def _tiles(key: str, kc: int, group_rows: int, tiles=None):
-    (bma, bka, wa), (bmb, bkb, wb) = tiles or TILE_CONFIGS[key]
+    (bma, bka, wa, nkb), (bmb, bkb, wb, tf32) = tiles or TILE_CONFIGS[key]
     bka = min(bka, max(16, _next_pow2(kc)))
+    nkb = max(1, min(nkb, -(-kc // bka)))
     bkb = min(bkb, max(16, _next_pow2(kc)))
     if group_rows:  # weights: a pass-B tile must not straddle two experts
         while group_rows % bmb:
             bmb //= 2
-    return bma, bka, wa, bmb, bkb, wb
+    return (bma, bka, wa, nkb), (bmb, bkb, wb, tf32)
 
 
 def _dual_quantize_impl(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor], offs: Optional[torch.Tensor],
@@ -488,18 +506,19 @@ def _dual_quantize_impl(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor
         if not weight:
             ok.copy_(((offs % ALIGN == 0).all() & (offs.diff() >= 0).all() & (offs <= m).all()).to(torch.int32).reshape(1))
         return row, row_inv, col, col_inv, ok
-    bma, bka, wa, bmb, bkb, wb = _tiles(_tile_key(mode, weight), kc, group_rows, tiles)
+    (bma, bka, wa, nkb), (bmb, bkb, wb, tf32) = _tiles(_tile_key(mode, weight), kc, group_rows, tiles)
     offs_arg = row_amax if weight else offs  # unused pointer in weight mode
     aux_arg = src if aux is None else aux
     stride_aux = 0 if aux is None else aux.stride(0)
     eb = max(16, _next_pow2(e))
     dummy = row_amax
-    _amax_kernel[(triton.cdiv(m, bma), triton.cdiv(kc, bka))](
-        src, aux_arg, offs_arg, row_amax, col_amax if want_col else dummy, ok,
+    # amax >= 0: the atomic max runs on the int32 view of the float32 buffers
+    _amax_kernel[(triton.cdiv(m, bma), triton.cdiv(kc, bka * nkb))](
+        src, aux_arg, offs_arg, row_amax.view(torch.int32), (col_amax if want_col else dummy).view(torch.int32), ok,
         m, group_rows, src.stride(0), stride_aux,
         KC=kc, E=e, H=h, KO=ko,
         MODE=mode, UNIFORM=weight, WANT_ROW=True, WANT_COL=want_col,
-        BM=bma, BK=bka, SUB=ALIGN, EB=eb, num_warps=wa,
+        BM=bma, BK=bka, SUB=ALIGN, EB=eb, NKB=nkb, num_warps=wa,
     )
     if not run_b:
         return row, row_inv, col, col_inv, ok
@@ -510,7 +529,7 @@ def _dual_quantize_impl(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor
         m, group_rows, src.stride(0), stride_aux, ko, stride_cg, stride_ck,
         KC=kc, E=e, H=h, KO=ko,
         MODE=mode, UNIFORM=weight, WANT_ROW=want_row, WANT_COL=want_col,
-        BM=bmb, BK=bkb, SUB=ALIGN, EB=eb, num_warps=wb,
+        BM=bmb, BK=bkb, SUB=ALIGN, EB=eb, TRANS_F32=bool(tf32), num_warps=wb,
     )
     return row, row_inv, col, col_inv, ok
 

@@ -533,7 +533,7 @@ if HAS_TRITON:
                 dot += tl.sum(g * yv.to(ACC), axis=1)
         if NEED_GW:
             if MANUAL_BF16_GW:
-                tl.store(gw_ptr + f, _f32_to_bf16_rne_bits(dot), mask=valid)
+                tl.store(gw_ptr + f, _f32_to_bf16_rne_bits(dot.to(tl.float32)), mask=valid)
             else:
                 tl.store(gw_ptr + f, dot.to(gw_ptr.dtype.element_ty), mask=valid)
 
@@ -617,7 +617,7 @@ def _launch_pad_rows(
         BLOCK_M=block_m,
         BLOCK_D=block_d,
         BLOCK_E=_block_e(E),
-        EVEN_D=D % block_d == 0,
+        EVEN_D=D > 0 and D % block_d == 0,
         num_warps=num_warps,
     )
     return out.view(x.dtype)

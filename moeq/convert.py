@@ -16,7 +16,7 @@ from moeq.experts import GroupedExperts, group_end_offsets, swiglu, swiglu_exper
 from moeq.padding_policy import is_expert_parallel, needs_padding
 from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, get_kernel, select_kernel
 from moeq.quant.grouped_mm import quantized_grouped_mm
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType, RecipeLike, parse_recipe
+from moeq.recipes import QuantizationType, RecipeLike, group_alignment, parse_recipe
 
 FilterLike = Union[None, Sequence[str], Callable[[str, nn.Module], bool]]
 
@@ -26,10 +26,8 @@ class ConvertedExperts:
 
     moeq_recipe: QuantizationType
     moeq_kernel: str
-
-    @property
-    def group_alignment(self) -> Optional[int]:  # what moeq.MoE's permute-and-pad should produce
-        return GROUP_ALIGNMENT[self.moeq_recipe]
+    # group_alignment (rows), set per instance by convert_model from the recipe: what
+    # moeq.MoE's permute-and-pad should produce for these experts.
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -94,7 +92,7 @@ class QuantizedGroupedExperts(ConvertedExperts, GroupedExperts):
             )
         kernel = self.moeq_kernel
         if needs_padding(qtype, group_alignment):
-            align = GROUP_ALIGNMENT[qtype]
+            align = self.group_alignment
             padded, layout = _padding.pad_token_groups(x, num_tokens_per_expert, align)
             y = _swiglu_experts_quantized(padded, w13, w2, layout.padded_offsets, qtype, kernel)
             return _padding.unpad_token_groups(y, layout)
@@ -124,7 +122,7 @@ def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
             "use moeq.apply_expert_parallel instead"
         )
     qtype = self.moeq_recipe
-    align = GROUP_ALIGNMENT[qtype]
+    align = self.group_alignment
     # HF experts may use other activations and biases: per-GEMM kernels, not the fused SwiGLU.
     kernel_choice = KERNEL_AUTO if self.moeq_kernel == KERNEL_TRITON else self.moeq_kernel
     kernel = resolve_kernel(qtype, kernel_choice, hidden_states.device) if align else None
@@ -157,7 +155,10 @@ def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
         # only real rows, but keep them finite for anything that inspects the buffer.
         in_group = torch.arange(out.shape[0], device=out.device) < offs[-1]
         out = torch.where(in_group[:, None], out, 0)
-    return _padding.combine_token_groups(out, layout, top_k_weights).to(hidden_states.dtype)
+    out = _padding.combine_token_groups(out, layout, top_k_weights)
+    # Cast only on a real change: a no-op .to() on an autograd.Function output is
+    # miscompiled by torch 2.11's torch.compile (zero gradients).
+    return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
 
 
 def _is_hf_experts(module: nn.Module) -> bool:
@@ -180,7 +181,7 @@ def _torchtitan_forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tens
     w13 = torch.cat([w1, w3], dim=1)  # one fused gate|up GEMM: x is quantized and read once
     if qtype is QuantizationType.BF16:
         return swiglu_experts(x, w13, w2, num_tokens_per_expert)
-    padded, layout = _padding.pad_token_groups(x, num_tokens_per_expert, GROUP_ALIGNMENT[qtype])
+    padded, layout = _padding.pad_token_groups(x, num_tokens_per_expert, self.group_alignment)
     y = _swiglu_experts_quantized(padded, w13, w2, layout.padded_offsets, qtype, self.moeq_kernel)
     return _padding.unpad_token_groups(y, layout)
 
@@ -197,7 +198,7 @@ def _expert_dims(module: nn.Module) -> dict:
 
 
 def _check_dims(fqn: str, module: nn.Module, qtype: QuantizationType) -> None:
-    multiple = GROUP_ALIGNMENT[qtype]
+    multiple = group_alignment(qtype)
     if multiple is None:
         return
     for name, size in _expert_dims(module).items():
@@ -261,8 +262,9 @@ def convert_model(
         filter_fqns: None (all experts), a list of substrings of module FQNs to convert,
             or ``f(fqn, module) -> bool``.
         kernel: ``"auto"`` (fastest path the device runs), ``"emulated"`` (plain-torch
-            quantization numerics, any device), or a kernel name from
-            ``moeq.quant.dispatch.KERNELS``.
+            quantization numerics, any device), ``"triton"`` (fused Hopper
+            kernels; SM90 only), or a per-GEMM kernel from
+            ``moeq.quant.dispatch.kernel_names()``.
     Returns:
         ``model``, with ``model.moeq_converted_fqns`` listing the converted modules.
     Raises:
@@ -291,6 +293,7 @@ def convert_model(
             module.__class__ = _converted_class(_original_class(module), forward)
         module.moeq_recipe = qtype
         module.moeq_kernel = kernel
+        module.group_alignment = group_alignment(qtype)
         converted.append(fqn)
     if not converted:
         what = "routed-experts modules" if filter_fqns is None else f"experts modules matching filter_fqns={filter_fqns!r}"

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
+from moeq.recipes import QuantizationType, group_alignment
 
 
 def is_expert_parallel(*params: torch.Tensor) -> bool:
@@ -51,7 +51,7 @@ def needs_padding(qtype: QuantizationType, incoming_alignment: Optional[int]) ->
 
     Raises ValueError if ``incoming_alignment`` is not a power of two.
     """
-    required = GROUP_ALIGNMENT[qtype]
+    required = group_alignment(qtype)
     if incoming_alignment is not None and (incoming_alignment < 1 or incoming_alignment & (incoming_alignment - 1)):
         raise ValueError(f"group_alignment={incoming_alignment} must be a power of two")
     if required is None:

@@ -56,7 +56,14 @@ def parse_recipe(recipe: RecipeLike) -> QuantizationType:
     )
 
 
+# A plain-dict view of GROUP_ALIGNMENT (same entries) for code that torch.compile
+# traces: dynamo cannot index a mappingproxy keyed by enums.
+_ALIGNMENT_BY_VALUE = {q.value: a for q, a in GROUP_ALIGNMENT.items()}
+
+
 def group_alignment(recipe: RecipeLike) -> Optional[int]:
-    """Token-group alignment (rows) the recipe's grouped GEMM needs; None when it needs none."""
-    return GROUP_ALIGNMENT[parse_recipe(recipe)]
+    """Token-group alignment (rows) the recipe's grouped GEMM needs; None when it needs none.
+
+    Safe to call inside ``torch.compile(fullgraph=True)`` with a QuantizationType."""
+    return _ALIGNMENT_BY_VALUE[parse_recipe(recipe).value]
 

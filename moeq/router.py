@@ -74,7 +74,8 @@ class RouterOutput(NamedTuple):
     """What the router decided for T tokens.
 
     expert_indices: (T, k) int64, the chosen experts per token.
-    expert_weights: (T, k) float32 routing weights (after optional renormalisation).
+    expert_weights: (T, k) routing weights (after optional renormalisation), float32
+        (float64 for a float64 model).
     num_tokens_per_expert: (E,) int64 count of (token, slot) pairs per expert.
     aux_loss: () float32 load-balancing loss (0 when aux loss is off).
     """
@@ -173,7 +174,13 @@ class TopKRouter(nn.Module):
         if self.router_dtype == torch.float32:
             logits = fp32_linear(x, self.gate.weight)
         else:
-            logits = self.gate(x).float()
+            logits = self.gate(x)
+        # Scores in at least float32 (a float64 model keeps float64 for gradcheck). Cast
+        # only on a real change: torch 2.11's compile mishandles a no-op .to() on an
+        # autograd.Function output.
+        score_dtype = torch.promote_types(logits.dtype, torch.float32)
+        if logits.dtype != score_dtype:
+            logits = logits.to(score_dtype)
         if self.score_func == "softmax":
             scores = torch.softmax(logits, dim=-1)
         else:

@@ -168,6 +168,26 @@ def _check_dual_quant_random() -> None:
 
     check()
 
+    # other tile configs (K-chunks per pass-A program, float32 transpose in pass B) are
+    # bitwise the same function
+    gen = torch.Generator().manual_seed(11)
+    offs, m = _random_layout(gen, 3, 4, 21)
+    x = torch.randn(m, 160, generator=gen).bfloat16()
+    gate_up = torch.randn(m, 96, generator=gen).bfloat16()
+    grad_h = torch.randn(m, 48, generator=gen).bfloat16()
+    for tiles in (((16, 32, 4, 4), (32, 32, 4, 1)), ((32, 64, 4, 2), (16, 64, 4, 0))):
+        for mode, src, aux in ((k.MODE_PLAIN, x, None), (k.MODE_SWIGLU, gate_up, None),
+                               (k.MODE_SWIGLU_BWD, gate_up, grad_h)):
+            want = k._dual_quantize_impl(mode, src, aux, offs, 3, True, True)
+            got = k._dual_quantize_impl(mode, src, aux, offs, 3, True, True, tiles=tiles)
+            for i, name in enumerate(("row", "row_inv", "col", "col_inv")):
+                _assert_bitwise(got[i], want[i], f"mode {mode} tiles {tiles} {name}")
+        w = torch.randn(2 * 48, 160, generator=gen).bfloat16()
+        want = k._dual_quantize_impl(k.MODE_PLAIN, w, None, None, 2, True, True)
+        got = k._dual_quantize_impl(k.MODE_PLAIN, w, None, None, 2, True, True, tiles=tiles)
+        for i in range(4):
+            _assert_bitwise(got[i], want[i], f"weight tiles {tiles} output {i}")
+
     @settings(max_examples=6, deadline=None, derandomize=True)
     @given(seed=st.integers(0, 2**31 - 1), e=st.integers(1, 3), n=st.sampled_from([16, 32, 80]),
            kdim=st.sampled_from([16, 144]))
