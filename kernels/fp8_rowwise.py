@@ -55,10 +55,11 @@ class Fp8Dual(NamedTuple):
     """Both quantized copies of one operand (unused ones are empty tensors).
 
     row: (M, K) e4m3, row-major; row_inv: (M,) float32, ``1 / scale`` per row.
-    col: (K, M) e4m3, row-major view (its storage row stride is M rounded up to 16 for
-        activations); ``col.t()`` is the (M, K) column-major operand of the 2D x 2D GEMM.
-        For a 3D weight (E, N, K): (E, K, N) contiguous, and ``col.transpose(-2, -1)`` is
-        the column-major (E, N, K) dgrad operand.
+    col: activations: (K, M16) e4m3 contiguous, M16 = M rounded up to ``ALIGN`` (the 2D x 2D
+        GEMM wants the token dim itself a multiple of 16); columns >= M are unspecified and
+        never read (they are past ``offs[-1]``). ``col.t()`` is the (M16, K) column-major
+        operand of the weight-gradient GEMM. For a 3D weight (E, N, K): (E, K, N)
+        contiguous, and ``col.transpose(-2, -1)`` is the column-major (E, N, K) dgrad operand.
     col_inv: (E, K) float32, ``1 / scale`` per (group, column).
     offs_ok: (1,) int32, 1 when ``offs`` was a valid layout (non-decreasing, multiples of
         ``GROUP_ALIGNMENT[FP8]``, last <= M), else 0; checked on device by the caller with
@@ -441,8 +442,8 @@ def _next_pow2(n: int) -> int:
 # width; a weight's pass-B BM is halved until it divides N. Chosen by measurement on an H100 (benchmarks/fp8_hopper.py --sweep, see
 # docs/fp8_hopper.md).
 TILE_CONFIGS = {
-    "plain": ((32, 256, 4, 1), (64, 64, 4, 0)),
-    "weight": ((128, 128, 8, 1), (64, 64, 4, 0)),
+    "plain": ((64, 128, 4, 4), (64, 64, 4, 1)),
+    "weight": ((128, 128, 8, 1), (64, 64, 4, 1)),
     "swiglu": ((32, 256, 4, 1), (64, 64, 4, 0)),
     "swiglu_bwd": ((32, 128, 4, 1), (64, 64, 8, 0)),
 }
@@ -584,15 +585,13 @@ def _check_offs(offs: torch.Tensor, device) -> None:
         raise ValueError(f"offs is on {offs.device} but the data is on {device}: move offs to {device}")
 
 
-def _as_dual(out, m: int, want_col: bool, weight_shape=None) -> Fp8Dual:
+def _as_dual(out, weight_shape=None) -> Fp8Dual:
     row, row_inv, col, col_inv, ok = out
     if weight_shape is not None:
         e, n, k = weight_shape
         if row.numel():
             row, row_inv = row.view(e, n, k), row_inv.view(e, n)
         return Fp8Dual(row, row_inv, col, col_inv)
-    if want_col:
-        col = col[:, :m]
     return Fp8Dual(row, row_inv, col, col_inv, ok)
 
 
@@ -605,12 +604,12 @@ def quantize_dual(x: torch.Tensor, offs: torch.Tensor, *, rowwise: bool = True, 
             (not checked here: the caller asserts it on device).
         rowwise / colwise: which copies to produce (the other fields are empty).
     Returns:
-        Fp8Dual: row (M, K) + row_inv (M,); col (K, M) view + col_inv (E, K).
+        Fp8Dual: row (M, K) + row_inv (M,); col (K, M16) + col_inv (E, K).
     """
     _check_2d("x", x, 16)
     _check_offs(offs, x.device)
     out = _dual_quantize(MODE_PLAIN, x, None, offs, offs.numel(), rowwise, colwise)
-    return _as_dual(out, x.shape[0], colwise)
+    return _as_dual(out)
 
 
 def quantize_weight(w: torch.Tensor, *, colwise: bool = True) -> Fp8Dual:
@@ -630,7 +629,7 @@ def quantize_weight(w: torch.Tensor, *, colwise: bool = True) -> Fp8Dual:
     w2 = w.contiguous().view(e * n, k)
     _check_2d("weight", w2, 16)
     out = _dual_quantize(MODE_PLAIN, w2, None, None, e, True, colwise)
-    return _as_dual(out, e * n, colwise, weight_shape=(e, n, k))
+    return _as_dual(out, weight_shape=(e, n, k))
 
 
 def swiglu_quantize(gate_up: torch.Tensor, offs: torch.Tensor, *, colwise: bool = True) -> Fp8Dual:
@@ -643,13 +642,13 @@ def swiglu_quantize(gate_up: torch.Tensor, offs: torch.Tensor, *, colwise: bool 
     _check_2d("gate_up", gate_up, 32)
     _check_offs(offs, gate_up.device)
     out = _dual_quantize(MODE_SWIGLU, gate_up, None, offs, offs.numel(), True, colwise)
-    return _as_dual(out, gate_up.shape[0], colwise)
+    return _as_dual(out)
 
 
 def swiglu_backward_quantize(gate_up: torch.Tensor, grad_h: torch.Tensor, offs: torch.Tensor) -> Fp8Dual:
     """FP8 copies of d(gate_up) (M, 2H) = SwiGLU backward of ``grad_h`` (M, H), in float32.
 
-    Returns both copies: row (M, 2H) for the dgrad GEMM, col (2H, M) for the wgrad GEMM.
+    Returns both copies: row (M, 2H) for the dgrad GEMM, col (2H, M16) for the wgrad GEMM.
     """
     _check_2d("gate_up", gate_up, 32)
     _check_2d("grad_h", grad_h, 16)
@@ -657,7 +656,7 @@ def swiglu_backward_quantize(gate_up: torch.Tensor, grad_h: torch.Tensor, offs: 
         raise ValueError(f"grad_h {tuple(grad_h.shape)} does not match gate_up {tuple(gate_up.shape)}: want (M, H) and (M, 2H)")
     _check_offs(offs, gate_up.device)
     out = _dual_quantize(MODE_SWIGLU_BWD, gate_up, grad_h, offs, offs.numel(), True, True)
-    return _as_dual(out, gate_up.shape[0], True)
+    return _as_dual(out)
 
 
 if HAS_TRITON:

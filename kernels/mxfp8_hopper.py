@@ -35,11 +35,16 @@ amax's bits (``f - 8``, plus one when amax's significand exceeds 1.75 = 448 / 2*
 fp32 quotient rounds across a power of two only when it is subnormal, i.e. for blocks
 with amax within one fp32 ulp above ``1.75 * 2**-119``, which no bf16 value is. So the
 kernels match the reference bitwise on bf16 inputs (every operand in this path is bf16)
-and on fp32 inputs except such ~1e-36 blocks; ``q = e4m3(clamp(x * 2**(127 - exponent), -448, 448))`` (``rcp = 1`` for
-exponent 0), rounded to nearest-even by hand (an fp32 add of ``2**(e+20)`` rounds to the
-e4m3 grid) so Triton's interpreter and the GPU agree; the stored value is
-``q * 2**(exponent - 127)`` in bf16, exact. Every fp32 -> bf16 rounding that is not exact
-(the SwiGLU outputs) is also done by hand, round-to-nearest-even, for the same reason.
+and on fp32 inputs except such ~1e-36 blocks. Data: ``q = e4m3(clamp(x * 2**(127 -
+exponent), -448, 448))`` (``rcp = 1`` for exponent 0), round to nearest even; the stored
+value is ``q * 2**(exponent - 127)`` in bf16, exact. On the GPU the rounding is the
+hardware's ``cvt.rn.satfinite.e4m3x2.f32`` (and ``cvt.rn.bf16`` for the SwiGLU outputs);
+under ``TRITON_INTERPRET=1``, whose casts truncate, the kernels round by hand on the bits
+(an fp32 add of ``2**(e+20)`` lands on the e4m3 grid), so CPU tests can check the
+kernels bitwise; a GPU test checks the hardware path against the same references.
+
+Every launch goes through a ``torch.library`` custom op, so torch.compile traces the
+kernels as opaque ops (see ``_fq_op``).
 
 Every public kernel wrapper has a plain-torch ``*_reference`` beside it; tests compare
 them bitwise (tests/test_mxfp8_hopper.py, under the interpreter on CPU).
@@ -52,7 +57,7 @@ from typing import Optional, Tuple
 import torch
 
 from moeq.quant.groups import pad_rows, zero_slack_rows
-from moeq.quant.mxfp8 import E4M3_MAX, MX_BLOCK_SIZE, mxfp8_fake_quantize
+from moeq.quant.mxfp8 import MX_BLOCK_SIZE, mxfp8_fake_quantize
 from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
 
 import triton

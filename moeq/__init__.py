@@ -23,6 +23,10 @@ def __getattr__(name):
         from moeq.convert import convert_model
 
         return convert_model
+    if name == "apply_expert_parallel":
+        from moeq.parallel import apply_expert_parallel
+
+        return apply_expert_parallel
     if name == "quantized_grouped_mm":
         from moeq.quant import quantized_grouped_mm
 
@@ -39,6 +43,7 @@ __all__ = [
     "QuantizationType",
     "RECIPE_NAMES",
     "TopKRouter",
+    "apply_expert_parallel",
     "combine_token_groups",
     "convert_model",
     "fp32_linear",

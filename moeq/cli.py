@@ -8,10 +8,8 @@ import sys
 from typing import Optional, Sequence
 
 from moeq.experts import COMPUTE_BACKENDS
+from moeq.hf_models import HF_MODEL_NAMES
 from moeq.recipes import RECIPE_NAMES
-
-HF_MODELS = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v3")
-
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", metavar="PATH",
@@ -22,10 +20,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                   help="master-weight dtype; auto = bfloat16 on GPU, float32 on CPU")
     p.add_argument("--kernel", default="auto",
                    help="auto (fastest the device runs) or emulated (plain-torch numerics, any device)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--model", default="moeq", choices=("moeq",) + HF_MODEL_NAMES,
+                   help="moeq's own MoE LM, or a transformers MoE family built from config (no download)")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -49,7 +50,8 @@ def _config(args):
                            compute_backend=args.compute_backend, max_seq_len=args.seq_len)
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                        seed=args.seed, device=args.device, dtype=args.dtype, kernel=args.kernel,
-                       data=args.data, compile=args.compile, progress=not args.no_progress, model=model)
+                       data=args.data, compile=args.compile, progress=not args.no_progress, model=model,
+                       hf_model=None if args.model == "moeq" else args.model)
 
 
 def _cmd_train(args) -> int:

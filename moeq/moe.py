@@ -85,6 +85,8 @@ class MoE(nn.Module):
             else None
         )
         self.last_aux_loss: Optional[torch.Tensor] = None
+        # Set by moeq.apply_expert_parallel: moves routed tokens to the experts' ranks.
+        self.expert_dispatcher = None
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -100,6 +102,19 @@ class MoE(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         routing = self.router(tokens)
+        if self.expert_dispatcher is not None:
+            out = self.expert_dispatcher(tokens, routing.expert_indices, routing.expert_weights, self.experts)
+        else:
+            out = self._local_experts(tokens, routing)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(tokens)
+        if self.router.load_balancing == "aux_loss" and self.training:
+            out = attach_aux_loss(out, routing.aux_loss)
+        self.last_aux_loss = routing.aux_loss.detach()
+        return out.reshape(shape)
+
+    def _local_experts(self, tokens: torch.Tensor, routing) -> torch.Tensor:
+        """(T, D) -> (T, D): all experts on this device (no expert parallelism)."""
         # Lay tokens out in the alignment the experts' GEMMs want, in one pass, so
         # the experts never pad again (moeq.convert_model sets it per recipe).
         alignment = self.experts.group_alignment
@@ -107,10 +122,4 @@ class MoE(nn.Module):
             tokens, routing.expert_indices, self.num_experts, alignment
         )
         expert_out = self.experts(grouped, num_tokens_per_expert, group_alignment=alignment)
-        out = combine_token_groups(expert_out, layout, routing.expert_weights)
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(tokens)
-        if self.router.load_balancing == "aux_loss" and self.training:
-            out = attach_aux_loss(out, routing.aux_loss)
-        self.last_aux_loss = routing.aux_loss.detach()
-        return out.reshape(shape)
+        return combine_token_groups(expert_out, layout, routing.expert_weights)

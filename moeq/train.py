@@ -31,7 +31,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU (CPU bf16 GEMMs are slow)
     data: Optional[list] = None  # None: the embedded Python-stdlib corpus
     out_dir: Optional[str] = None
     checkpoint_every: int = 0  # 0: only at the end (when out_dir is set)
@@ -39,6 +39,7 @@ class TrainConfig:
     compile: bool = False
     progress: bool = True
     model: MoEModelConfig = field(default_factory=MoEModelConfig)
+    hf_model: Optional[str] = None  # a moeq.hf_models.HF_MODEL_NAMES family instead of moeq's own model
 
 
 @dataclass
@@ -61,10 +62,26 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` -> bfloat16 on CUDA, float32 elsewhere; else ``getattr(torch, dtype)``."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, list]:
     """The demo model in ``cfg.dtype``, converted to ``cfg.recipe``; returns (model, converted FQNs)."""
     torch.manual_seed(cfg.seed)
-    model = MoETransformer(cfg.model).to(device=device, dtype=getattr(torch, cfg.dtype))
+    if cfg.hf_model:
+        from moeq.hf_models import build_hf_model
+
+        m = cfg.model
+        model = build_hf_model(cfg.hf_model, vocab_size=m.vocab_size, dim=m.dim, num_layers=m.num_layers,
+                               num_heads=m.num_heads, num_experts=m.num_experts, top_k=m.top_k,
+                               expert_hidden_dim=m.expert_hidden_dim)
+    else:
+        model = MoETransformer(cfg.model)
+    model = model.to(device=device, dtype=resolve_dtype(cfg.dtype, device))
     from moeq.convert import convert_model  # imported late: convert pulls in the quant stack
 
     kernel = cfg.kernel

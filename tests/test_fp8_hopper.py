@@ -21,6 +21,10 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 FP8 = torch.float8_e4m3fn
+# The FP8 recipe's documented error bound for the whole SwiGLU experts (two chained e4m3
+# GEMMs) vs float64, as in tests/test_convert.py ERROR_BOUND["fp8"] (measured 0.066-0.069
+# here on the benchmark shapes, the same as torchao's FP8 rowwise).
+FP8_SWIGLU_ERROR_BOUND = 0.1
 
 
 def _run_interpreted(check: str, timeout: int = 600) -> None:
@@ -44,9 +48,17 @@ def _assert_bitwise(got, want, what: str) -> None:
     assert bad == 0, f"{what}: {bad} of {g.numel()} elements differ bitwise"
 
 
+def _valid_col(col: torch.Tensor, m: int) -> torch.Tensor:
+    # an activation's column copy is (K, round_up(M, 16)); columns >= M are unspecified
+    return col[:, :m] if col.dim() == 2 else col
+
+
 def _assert_dual_bitwise(q, ref, what: str) -> None:
     for name in ("row", "row_inv", "col", "col_inv"):
-        _assert_bitwise(getattr(q, name), getattr(ref, name), f"{what}.{name}")
+        got, want = getattr(q, name), getattr(ref, name)
+        if name == "col":
+            got = _valid_col(got, want.shape[-1])
+        _assert_bitwise(got, want, f"{what}.{name}")
 
 
 def _assert_close_codes(got, want, what: str, max_frac: float = 5e-3) -> None:
@@ -158,13 +170,14 @@ def _check_dual_quant_random() -> None:
         data, scale = fp8_rowwise_quantize(x, -1)
         _assert_bitwise(q.row, data, "row vs moeq.quant")
         _assert_bitwise(q.row_inv, scale.squeeze(-1), "row scale vs moeq.quant")
+        assert q.col.shape == (width, -(-m // 16) * 16), "token dim of the column copy padded to 16"
         data, scale = fp8_per_group_colwise_quantize(x, offs)
-        _assert_bitwise(q.col, data.t(), "col vs moeq.quant")
+        _assert_bitwise(_valid_col(q.col, m), data.t(), "col vs moeq.quant")
         _assert_bitwise(q.col_inv, scale, "col scale vs moeq.quant")
         only_row = k.quantize_dual(x, offs, colwise=False)
         _assert_bitwise(only_row.row, q.row, "row without col")
         only_col = k.quantize_dual(x, offs, rowwise=False)
-        _assert_bitwise(only_col.col, q.col, "col without row")
+        _assert_bitwise(_valid_col(only_col.col, m), _valid_col(q.col, m), "col without row")
 
     check()
 
@@ -181,7 +194,8 @@ def _check_dual_quant_random() -> None:
             want = k._dual_quantize_impl(mode, src, aux, offs, 3, True, True)
             got = k._dual_quantize_impl(mode, src, aux, offs, 3, True, True, tiles=tiles)
             for i, name in enumerate(("row", "row_inv", "col", "col_inv")):
-                _assert_bitwise(got[i], want[i], f"mode {mode} tiles {tiles} {name}")
+                g, w = (got[i][:, :m], want[i][:, :m]) if name == "col" else (got[i], want[i])  # storage padding
+                _assert_bitwise(g, w, f"mode {mode} tiles {tiles} {name}")
         w = torch.randn(2 * 48, 160, generator=gen).bfloat16()
         want = k._dual_quantize_impl(k.MODE_PLAIN, w, None, None, 2, True, True)
         got = k._dual_quantize_impl(k.MODE_PLAIN, w, None, None, 2, True, True, tiles=tiles)
@@ -220,7 +234,7 @@ def _check_swiglu_quant() -> None:
             _assert_bitwise(q.row_inv, ref.row_inv, f"{what}.row_inv")
             _assert_bitwise(q.col_inv, ref.col_inv, f"{what}.col_inv")
             _assert_close_codes(q.row, ref.row, f"{what}.row")
-            _assert_close_codes(q.col, ref.col, f"{what}.col")
+            _assert_close_codes(_valid_col(q.col, m), ref.col, f"{what}.col")
         only_row = k.swiglu_quantize(gate_up, offs, colwise=False)
         _assert_bitwise(only_row.row, k.swiglu_quantize(gate_up, offs).row, "swiglu row without col")
 
@@ -229,12 +243,18 @@ def emulated_scaled_grouped_mm(a, b, scale_a, scale_b, offs=None, out_dtype=torc
     """float64 emulation of ``torch._scaled_grouped_mm`` (2D x 3D and 2D x 2D) for CPU tests.
 
     The operands first go through the real op's meta function (dtypes, row-/column-major
-    layouts, 16-byte strides, scale shapes). Rows of a 2D x 3D output outside every group
+    layouts, 16-byte strides, scale shapes) and the CUDA op's extra check that the
+    contraction dims are multiples of 16. Rows of a 2D x 3D output outside every group
     are NaN, as uninitialized memory might be.
     """
     meta = lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")  # noqa: E731
     torch._scaled_grouped_mm(meta(a), meta(b), meta(scale_a), meta(scale_b), offs=meta(offs),
                              out_dtype=out_dtype, use_fast_accum=use_fast_accum)
+    # checks the CUDA op makes beyond its meta function (seen on an H100, torch 2.11)
+    if a.shape[-1] % 16:
+        raise ValueError(f"Expected trailing dimension of mat_a to be divisible by 16 but got mat1 shape: {tuple(a.shape)}")
+    if b.shape[-2] % 16:
+        raise ValueError(f"contraction dim of mat_b must be divisible by 16, got {tuple(b.shape)}")
     A, B = a.double(), b.double()
     ends = offs.tolist()
     starts = [0] + ends[:-1]
@@ -332,7 +352,7 @@ def _check_function_emulated() -> None:
     for what, got, want in (("y", y[:n], ry), ("grad_x", xr.grad[:n], rgx), ("grad_gate_up", gate_up.grad, rgu),
                             ("grad_down", down.grad, rgd)):
         err = _rel(got, want)
-        assert err < 0.12, f"{what}: rel err {err:.3g} vs float64"
+        assert err < FP8_SWIGLU_ERROR_BOUND, f"{what}: rel err {err:.3g} vs float64"
     # only the gradients asked for; float32 master weights get float32 grads
     w32 = gate_up.detach().float().requires_grad_()
     y2 = fh.fp8_swiglu_experts(x, w32, down.detach(), offs)
@@ -436,7 +456,7 @@ def test_gpu_kernels_match_references():
         # Triton's exp is not torch's: allow adjacent codes on a few elements, scales off by
         # at most one power of two where an amax sits on a boundary
         _assert_close_codes(q.row, ref.row, f"{what}.row (GPU)", max_frac=1e-2)
-        _assert_close_codes(q.col, ref.col, f"{what}.col (GPU)", max_frac=1e-2)
+        _assert_close_codes(_valid_col(q.col, x.shape[0]), ref.col, f"{what}.col (GPU)", max_frac=1e-2)
         for name in ("row_inv", "col_inv"):
             ratio = getattr(q, name) / getattr(ref, name)
             assert ((ratio == 1) | (ratio == 2) | (ratio == 0.5)).all(), f"{what}.{name}"
@@ -458,7 +478,7 @@ def test_gpu_matches_fake_quant_and_float64():
     for what, got, fake, ref in (("y", y[:n], fy[:n], ry), ("grad_x", gx[:n], fgx[:n], rgx),
                                  ("grad_gate_up", ggu, fgu, rgu), ("grad_down", gd, fgd, rgd)):
         assert _rel(got, fake) < 2e-2, f"{what}: {_rel(got, fake):.3g} vs fake-quant float64"
-        assert _rel(got, ref) < 0.08, f"{what}: {_rel(got, ref):.3g} vs float64"
+        assert _rel(got, ref) < FP8_SWIGLU_ERROR_BOUND, f"{what}: {_rel(got, ref):.3g} vs float64"
 
 
 @pytest.mark.gpu

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -241,7 +240,7 @@ def _float64_experts(x, w1, w2, gy, offs):
     return [y.detach()] + [t.grad for t in p]
 
 
-def _problem(seed, E=4, D=64, H=96, counts=(64, 0, 96, 96)):
+def _problem(seed, E=4, D=64, H=96, counts=(2 * ALIGN, 0, 3 * ALIGN, 3 * ALIGN)):
     g = torch.Generator().manual_seed(seed)
     offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
     M = int(offs[-1])
@@ -271,7 +270,7 @@ def test_function_matches_torchao_emulated(seed):
 
 
 def test_slack_rows_and_empty_experts():
-    x, w1, w2, gy, offs = _problem(2, counts=(32, 0, 64, 32))
+    x, w1, w2, gy, offs = _problem(2, counts=(ALIGN, 0, 2 * ALIGN, ALIGN))
     pad = 40  # slack rows past offs[-1], holding garbage that must not leak
     xs = torch.cat([x, torch.full((pad, x.shape[1]), float("nan"), dtype=x.dtype)])
     gys = torch.cat([gy, torch.full((pad, gy.shape[1]), float("inf"), dtype=gy.dtype)])
@@ -313,8 +312,8 @@ def test_bad_inputs_raise_clear_errors():
         mxfp8_swiglu_experts(x, w1, w2[:, :, :64], offs)
     with pytest.raises(TypeError, match="bfloat16/float32"):
         mxfp8_swiglu_experts(x.half(), w1, w2, offs)
-    bad = torch.tensor([40, 40, 136, 256], dtype=torch.int32)  # group 2 starts at row 40
-    with pytest.raises(RuntimeError, match="multiple of 32"):
+    bad = torch.tensor([ALIGN + 8, ALIGN + 8, 136, 256], dtype=torch.int32)  # group 2 starts off-alignment
+    with pytest.raises(RuntimeError, match=f"multiple of {ALIGN}"):
         mxfp8_swiglu_experts(x, w1, w2, bad)
     with pytest.raises(RuntimeError, match="non-decreasing"):
         mxfp8_swiglu_experts(x, w1, w2, torch.tensor([64, 32, 128, 256], dtype=torch.int32))

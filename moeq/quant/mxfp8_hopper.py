@@ -31,7 +31,6 @@ CPU they are the plain-torch references, which the kernels match bitwise.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
 
 import torch
 

@@ -1,0 +1,276 @@
+"""Expert parallelism: dispatch + experts + combine per step, fused vs unfused dispatch, EP vs 1 GPU.
+
+Launch (2 GPUs, NCCL):
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
+        torchrun --nproc-per-node 2 benchmarks/ep.py --out $OUT
+
+(the script also sets both variables itself if unset: NVLink multicast stays off). Also
+``--ep 4``/``--ep 8`` on more GPUs (the mesh is ("dp", "ep") with dp = world / ep), and
+on CPU for a smoke test: ``torchrun --nproc-per-node 2 benchmarks/ep.py --backend gloo
+--device cpu --tiny``.
+
+Per recipe (bf16, fp8, mxfp8, each through ``moeq.convert_model``, kernel "auto" on GPU,
+"emulated" on CPU), with the same weights, tokens and routing on every variant:
+
+* **fused**: moeq's EP dispatch (all-to-all, then one gather pass straight into the
+  experts' padded expert-major layout; the experts do not pad again);
+* **unfused**: all-to-all, then permute to expert-major, then ``pad_token_groups``
+  (and unpad, unpermute on the way back): one extra pass each way;
+* **1 GPU**: rank 0 alone runs the same global batch (all ranks' tokens) through the
+  unsharded MoE (permute-and-pad + all experts + combine).
+
+Timed: forward + backward of dispatch + experts + combine for fixed routing (router
+excluded), median of --iters steps after --warmup, max over ranks. Checked first, on
+fresh random data: fused == unfused (bitwise), EP == 1 GPU (relative error), and the
+BF16 EP output against a float64 reference. Bytes: what each rank's all-to-alls move per
+step (forward dispatch + combine, backward both), total and to other ranks.
+Writes ep.json and ep.md under --out and prints the markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+
+import moeq  # noqa: E402
+from moeq.recipes import RECIPE_NAMES  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ep", type=int, default=None, help="EP size (default: world size)")
+    p.add_argument("--tokens", type=int, default=8192, help="tokens per rank")
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--recipes", nargs="+", default=list(RECIPE_NAMES), choices=RECIPE_NAMES)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--backend", default=None, help="nccl (default on GPU) or gloo")
+    p.add_argument("--device", default=None, help="cuda (default if available) or cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes for a CPU smoke test")
+    p.add_argument("--out", default=None, help="directory for ep.json / ep.md")
+    a = p.parse_args()
+    if a.tiny:
+        a.tokens, a.dim, a.hidden, a.experts, a.top_k, a.warmup, a.iters = 64, 64, 64, 8, 2, 1, 3
+    return a
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_step_s(step, device, warmup, iters):
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def build_moe(args, recipe, device):
+    torch.manual_seed(0)
+    moe = moeq.MoE(args.dim, args.hidden, args.experts, args.top_k, load_balancing="none",
+                   dtype=torch.bfloat16, device=device)
+    kernel = "auto" if device.type == "cuda" else "emulated"
+    moeq.convert_model(moe, recipe, kernel=kernel)
+    return moe
+
+
+def routing(args, rank, device):
+    """This rank's tokens, fixed routing (softmax top-k of random logits), output grad."""
+    g = torch.Generator(device="cpu").manual_seed(1000 + rank)
+    x = torch.randn(args.tokens, args.dim, generator=g).to(device, torch.bfloat16)
+    logits = torch.randn(args.tokens, args.experts, generator=g).to(device)
+    w, idx = logits.softmax(-1).topk(args.top_k, dim=-1)
+    gout = torch.randn(args.tokens, args.dim, generator=g).to(device, torch.bfloat16)
+    return x, idx, w, gout
+
+
+def reference64(x, idx, w, w13, w2):
+    """Float64 MoE output for fixed routing (loop over experts)."""
+    x, w13, w2, w = x.double(), w13.double(), w2.double(), w.double()
+    out = torch.zeros_like(x)
+    hidden = w2.shape[-1]
+    for e in range(w13.shape[0]):
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        if tok.numel():
+            gu = x[tok] @ w13[e].t()
+            y = (F.silu(gu[:, :hidden]) * gu[:, hidden:]) @ w2[e].t()
+            out.index_add_(0, tok, y * w[tok, slot, None])
+    return out
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def gather_rows(t, world):
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def a2a_bytes(plan, rank, row_bytes):
+    """(total, to other ranks) bytes one rank's four all-to-alls move per fwd+bwd step."""
+    total = 4 * plan.num_send * row_bytes
+    remote = 4 * (plan.num_send - plan.send_splits[rank]) * row_bytes
+    return total, remote
+
+
+def bench_recipe(args, recipe, mesh, rank, world, device):
+    ep_rank = mesh["ep"].get_local_rank()
+    base = build_moe(args, recipe, device)
+    x, idx, w, gout = routing(args, rank, device)
+    variants = {}
+    for name, fused in (("fused", True), ("unfused", False)):
+        m = copy.deepcopy(base)
+        moeq.apply_expert_parallel(m, mesh, fused=fused)
+        variants[name] = m
+
+    def ep_step(m):
+        def step():
+            xi = x.detach().requires_grad_()
+            out = m.expert_dispatcher(xi, idx, w, m.experts)
+            out.backward(gout)
+            for p in m.parameters():
+                p.grad = None
+            return out.detach()
+
+        return step
+
+    # correctness on this data before any timing
+    outs = {name: ep_step(m)() for name, m in variants.items()}
+    fused_eq_unfused = torch.equal(outs["fused"], outs["unfused"])
+    gx, gidx, gw = (gather_rows(t, world) for t in (x, idx, w))
+    gout_ep = gather_rows(outs["fused"], world)
+    row = {"recipe": recipe, "fused_equals_unfused": fused_eq_unfused}
+    if rank == 0:
+        one = base._local_experts(gx, _Routing(gidx, gw)).detach()
+        row["rel_err_ep_vs_1gpu"] = rel_err(gout_ep, one)
+        ref = reference64(gx, gidx, gw, base.experts.gate_up_proj.detach(), base.experts.down_proj.detach())
+        row["rel_err_ep_vs_fp64"] = rel_err(gout_ep, ref)
+
+    for name, m in variants.items():
+        t = median_step_s(ep_step(m), device, args.warmup, args.iters)
+        t_max = torch.tensor([t], dtype=torch.float64, device=device)
+        dist.all_reduce(t_max, op=dist.ReduceOp.MAX)
+        row[f"ep_{name}_ms"] = t_max.item() * 1e3
+    plan = variants["fused"].expert_dispatcher.last_plan
+    row_bytes = args.dim * x.element_size()
+    total, remote = a2a_bytes(plan, ep_rank, row_bytes)
+    tb = torch.tensor([total, remote], dtype=torch.float64, device=device)
+    dist.all_reduce(tb, op=dist.ReduceOp.MAX)
+    row["a2a_mb_per_rank_step"], row["a2a_remote_mb_per_rank_step"] = (tb / 2**20).tolist()
+
+    # one GPU, same global batch, same run: rank 0 alone
+    dist.barrier()
+    if rank == 0:
+        def one_step():
+            xi = gx.detach().requires_grad_()
+            out = base._local_experts(xi, _Routing(gidx, gw))
+            out.backward(gather_gout)
+            for p in base.parameters():
+                p.grad = None
+
+        gather_gout = torch.randn_like(gx)
+        row["one_gpu_ms"] = median_step_s(one_step, device, args.warmup, args.iters) * 1e3
+    dist.barrier()
+    del variants, base
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+class _Routing:
+    """The two fields of RouterOutput that MoE._local_experts reads."""
+
+    def __init__(self, expert_indices, expert_weights):
+        self.expert_indices, self.expert_weights = expert_indices, expert_weights
+
+
+def markdown(rows, args, world, device_name):
+    lines = [
+        f"EP={args.ep} on {world} x {device_name}; per rank T={args.tokens} tokens, D={args.dim}, "
+        f"H={args.hidden}, E={args.experts}, k={args.top_k}; fwd+bwd of dispatch+experts+combine, "
+        f"median of {args.iters}, max over ranks. 1 GPU: rank 0 alone on the global batch "
+        f"({args.tokens * world} tokens).",
+        "",
+        "| recipe | EP fused ms | EP unfused ms | unfused/fused | 1 GPU ms | 1 GPU / EP fused | "
+        "a2a MiB/rank/step (to other ranks) | fused==unfused | rel err EP vs 1 GPU | rel err EP vs fp64 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['recipe']} | {r['ep_fused_ms']:.3f} | {r['ep_unfused_ms']:.3f} | "
+            f"{r['ep_unfused_ms'] / r['ep_fused_ms']:.2f}x | {r['one_gpu_ms']:.3f} | "
+            f"{r['one_gpu_ms'] / r['ep_fused_ms']:.2f}x | {r['a2a_mb_per_rank_step']:.1f} "
+            f"({r['a2a_remote_mb_per_rank_step']:.1f}) | {r['fused_equals_unfused']} | "
+            f"{r['rel_err_ep_vs_1gpu']:.2e} | {r['rel_err_ep_vs_fp64']:.2e} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    args = parse_args()
+    use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    backend = args.backend or ("nccl" if use_cuda else "gloo")
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    args.ep = args.ep or world
+    if world % args.ep:
+        raise SystemExit(f"--ep {args.ep} must divide the world size {world}")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device, device_name = torch.device("cpu"), "CPU"
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world // args.ep, args.ep), mesh_dim_names=("dp", "ep"))
+    rows = []
+    for recipe in args.recipes:
+        rows.append(bench_recipe(args, recipe, mesh, rank, world, device))
+        if rank == 0:
+            print(f"[ep] {recipe}: {rows[-1]}", flush=True)
+    if rank == 0:
+        table = markdown(rows, args, world, device_name)
+        print(table, flush=True)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            meta = {"world": world, "ep": args.ep, "device": device_name, "backend": backend,
+                    "torch": torch.__version__, "args": vars(args)}
+            with open(os.path.join(args.out, "ep.json"), "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=2)
+            with open(os.path.join(args.out, "ep.md"), "w") as f:
+                f.write(table + "\n")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

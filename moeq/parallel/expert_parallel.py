@@ -1,0 +1,318 @@
+"""Expert parallelism: experts sharded over an ``"ep"`` mesh dim, tokens moved by all-to-all.
+
+``apply_expert_parallel(model, mesh)`` shards the routed experts of every ``moeq.MoE``
+(converted by ``moeq.convert_model`` or not) over ``mesh["ep"]`` as DTensors
+(``Shard(0)``: global expert ``e`` lives on EP rank ``e // (E / ep)``), and gives each MoE
+an :class:`ExpertParallelDispatcher`. Per step and per MoE the dispatcher:
+
+1. permutes the rank's routed copies into global-expert order (``permute_and_pad``, no
+   padding): that order is also destination-rank order;
+2. exchanges per-expert counts (``all_to_all_single``) and reads them on the host once
+   (the split sizes; the only host sync, see docs/expert_parallel.md);
+3. sends the rows with ``all_to_all_single`` and, in one gather pass over the received
+   rows, writes them straight into the local experts' expert-major layout, padded to the
+   recipe's ``GROUP_ALIGNMENT`` (the fused dispatch);
+4. runs the local experts with ``group_alignment=a``, so converted experts do not pad
+   again (moeq.padding_policy);
+5. gathers the outputs back to all-to-all order in one pass, sends them home with the
+   reverse ``all_to_all_single`` and combines each token's k outputs, weighted.
+
+Steps 3 and 5 are a differentiable pair of autograd functions: each one's backward is
+the other's forward (gradients travel in the activations' precision).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moeq import padding as _padding  # registers the torch.ops.moeq row ops
+from moeq.experts import GroupedExperts, swiglu_experts
+from moeq.moe import MoE
+from moeq.parallel.dispatch_plan import DispatchPlan, build_plan
+from moeq.recipes import group_alignment
+
+EP_DIM = "ep"
+
+__all__ = ["EP_DIM", "ExpertParallelDispatcher", "apply_expert_parallel"]
+
+
+# ----------------------------------------------------------------------------------
+# row movement (autograd functions)
+# ----------------------------------------------------------------------------------
+
+
+def _all_to_all(x: Tensor, out_splits: List[int], in_splits: List[int], group) -> Tensor:
+    """Rows of ``x`` (sum(in_splits), ...) to the group's ranks; (sum(out_splits), ...) back."""
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+def _to_padded(rows: Tensor, plan: DispatchPlan) -> Tensor:
+    """(N_recv, D) rows in all-to-all order -> (P, D) padded expert-major; one gather pass."""
+    return torch.ops.moeq.pad_rows(
+        rows, plan.local_counts, plan.source_rows, plan.alignment, plan.num_padded_rows, 1
+    )
+
+
+def _from_padded(padded: Tensor, plan: DispatchPlan) -> Tensor:
+    """(P, D) padded expert-major -> (N_recv, D) rows in all-to-all order; one gather pass."""
+    return torch.ops.moeq.unpad_token_groups(
+        padded.contiguous(), plan.local_counts, plan.dest_rows, None, plan.alignment, plan.num_recv
+    )
+
+
+class _DispatchToPadded(torch.autograd.Function):
+    """all_to_all_single forward, then scatter-on-receive into the padded layout.
+
+    Backward: gather the padded gradient back to all-to-all order, reverse all_to_all."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: DispatchPlan) -> Tensor:
+        ctx.plan = plan
+        recv = _all_to_all(x, plan.recv_splits, plan.send_splits, plan.group)
+        return _to_padded(recv, plan)
+
+    @staticmethod
+    def backward(ctx, grad_padded: Tensor):
+        plan = ctx.plan
+        grad_recv = _from_padded(grad_padded, plan)
+        return _all_to_all(grad_recv, plan.send_splits, plan.recv_splits, plan.group), None
+
+
+class _CombineFromPadded(torch.autograd.Function):
+    """Gather expert outputs from the padded layout, reverse all_to_all_single home.
+
+    Backward: all_to_all the gradient to the experts' ranks, scatter into the padded layout."""
+
+    @staticmethod
+    def forward(ctx, y_padded: Tensor, plan: DispatchPlan) -> Tensor:
+        ctx.plan = plan
+        y_recv = _from_padded(y_padded, plan)
+        return _all_to_all(y_recv, plan.send_splits, plan.recv_splits, plan.group)
+
+    @staticmethod
+    def backward(ctx, grad_home: Tensor):
+        plan = ctx.plan
+        grad_recv = _all_to_all(grad_home, plan.recv_splits, plan.send_splits, plan.group)
+        return _to_padded(grad_recv, plan), None
+
+
+class _AllToAll(torch.autograd.Function):
+    """Plain differentiable all_to_all_single (the unfused baseline's transport)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out_splits: List[int], in_splits: List[int], group) -> Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _all_to_all(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out_splits, in_splits = ctx.splits
+        return _all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
+# torch.compile: the host read of the counts and the all-to-alls with host split sizes
+# run eagerly (graph breaks here); the permute, experts and combine around them compile.
+@torch.compiler.disable
+def _plan(counts: Tensor, group, alignment: Optional[int], recipe_name: Optional[str]) -> DispatchPlan:
+    return build_plan(counts, group, alignment, recipe_name)
+
+
+@torch.compiler.disable
+def _dispatch(x: Tensor, plan: DispatchPlan) -> Tensor:
+    return _DispatchToPadded.apply(x, plan)
+
+
+@torch.compiler.disable
+def _combine(y: Tensor, plan: DispatchPlan) -> Tensor:
+    return _CombineFromPadded.apply(y, plan)
+
+
+@torch.compiler.disable
+def _all_to_all_autograd(x: Tensor, out_splits, in_splits, group) -> Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+# ----------------------------------------------------------------------------------
+# dispatcher
+# ----------------------------------------------------------------------------------
+
+
+def experts_recipe(experts: nn.Module):
+    """(recipe name or None, alignment or None) of an experts module (converted or not)."""
+    recipe = getattr(experts, "moeq_recipe", None)
+    if recipe is None:
+        return None, None
+    return recipe.value, group_alignment(recipe)
+
+
+class ExpertParallelDispatcher:
+    """Token dispatch/combine of one MoE layer across an EP process group.
+
+    Args:
+        ep_mesh: 1D DeviceMesh of the EP dim.
+        num_experts: E global experts (divisible by the EP size).
+        fused: True (default): received rows land in the padded expert-major layout in
+            one pass. False: the unfused baseline (all-to-all, then permute, then
+            ``pad_token_groups``), kept for benchmarks/ep.py and the tests.
+    """
+
+    def __init__(self, ep_mesh, num_experts: int, *, fused: bool = True):
+        self.ep_mesh = ep_mesh
+        self.group = ep_mesh.get_group()
+        self.ep_size = ep_mesh.size()
+        self.num_experts = num_experts
+        self.fused = fused
+        self.last_plan: Optional[DispatchPlan] = None  # for inspection / benchmarks
+
+    def __call__(self, tokens: Tensor, expert_indices: Tensor, expert_weights: Tensor, experts: nn.Module) -> Tensor:
+        """Route ``tokens`` to their experts' ranks, apply the experts, combine.
+
+        Args:
+            tokens: (T, D) this rank's tokens.
+            expert_indices: (T, k) global expert ids. expert_weights: (T, k) scores.
+            experts: the MoE's experts module, weights sharded over EP.
+        Returns:
+            (T, D) in tokens.dtype: ``sum_j weights[t, j] * expert_{idx[t, j]}(tokens[t])``.
+        """
+        recipe_name, align = experts_recipe(experts)
+        # Global-expert order is destination-rank order: this is the send buffer.
+        send, counts, layout = _padding.permute_and_pad(tokens, expert_indices, self.num_experts, None)
+        if self.fused:
+            plan = _plan(counts, self.group, align, recipe_name)
+            x = _dispatch(send, plan)
+            y = experts(x, plan.local_counts, group_alignment=align)
+            home = _combine(y, plan)
+        else:
+            home = self._unfused(send, counts, experts, align, recipe_name)
+        self.last_plan = plan if self.fused else None
+        return _padding.combine_token_groups(home, layout, expert_weights)
+
+    def _unfused(self, send, counts, experts, align, recipe_name):
+        plan = _plan(counts, self.group, None, recipe_name)  # alignment 1: a pure permutation
+        recv = _all_to_all_autograd(send, plan.recv_splits, plan.send_splits, self.group)
+        grouped = recv.index_select(0, plan.source_rows.long())  # permute to expert-major
+        padded, pad_layout = _padding.pad_token_groups(grouped, plan.local_counts, align)
+        y = experts(padded, plan.local_counts, group_alignment=align)
+        y = _padding.unpad_token_groups(y, pad_layout)
+        y_recv = y.index_select(0, plan.dest_rows.long())  # back to all-to-all order
+        return _all_to_all_autograd(y_recv, plan.send_splits, plan.recv_splits, self.group)
+
+
+# ----------------------------------------------------------------------------------
+# apply_expert_parallel
+# ----------------------------------------------------------------------------------
+
+
+def _local(t: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    # isinstance, not hasattr: dynamo answers hasattr(DTensor param, "to_local") wrongly.
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class ShardedGroupedExperts(GroupedExperts):
+    """moeq.GroupedExperts whose weights are DTensors sharded over EP: computes on the
+    local shard (E/ep experts). ``moeq.convert_model`` turns it into its quantized class
+    like any GroupedExperts (which also computes on local shards)."""
+
+    def forward(self, x, num_tokens_per_expert, *, group_alignment=None):
+        """Same contract as :meth:`GroupedExperts.forward`, with (E/ep,) local counts."""
+        return swiglu_experts(
+            x,
+            _local(self.gate_up_proj),
+            _local(self.down_proj),
+            num_tokens_per_expert,
+            compute_backend=self.compute_backend,
+            group_alignment=group_alignment,
+        )
+
+
+def _ep_mesh(device_mesh):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(device_mesh, DeviceMesh):
+        raise TypeError(
+            f"device_mesh must be a torch.distributed DeviceMesh, got {type(device_mesh).__name__}: build one with "
+            f"torch.distributed.device_mesh.init_device_mesh(device, (ep,), mesh_dim_names=('ep',))"
+        )
+    names = device_mesh.mesh_dim_names or ()
+    if EP_DIM not in names:
+        raise ValueError(
+            f"device_mesh has no {EP_DIM!r} dim (its dims: {names or 'unnamed'}): name the expert-parallel dim "
+            f"'ep', e.g. init_device_mesh(device, (dp, ep), mesh_dim_names=('dp', 'ep'))"
+        )
+    return device_mesh[EP_DIM] if len(names) > 1 else device_mesh
+
+
+def _shard_parameter(module: nn.Module, name: str, ep_mesh) -> None:
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    p = getattr(module, name)
+    if isinstance(p, DTensor):
+        raise ValueError(f"{name} is already a DTensor: apply_expert_parallel was called twice on this model")
+    sharded = distribute_tensor(p.detach(), ep_mesh, [Shard(0)])
+    module.register_parameter(name, nn.Parameter(sharded, requires_grad=p.requires_grad))
+
+
+def apply_expert_parallel(model: nn.Module, device_mesh, *, fused: bool = True) -> nn.Module:
+    """Shard every ``moeq.MoE``'s routed experts over ``device_mesh["ep"]``, in place.
+
+    Call it on every rank of the mesh, after building (and optionally converting) the
+    model and before building the optimizer (expert parameters are replaced by DTensor
+    parameters). ``moeq.convert_model`` may be called before or after. Each EP rank
+    keeps E/ep experts (global expert e on EP rank ``e // (E / ep)``); routers and
+    shared experts stay replicated: sum their gradients over the data-parallel ranks
+    (which the EP ranks are) as usual, e.g. with FSDP2 over a mesh including "ep".
+
+    Args:
+        model: a module containing ``moeq.MoE`` layers.
+        device_mesh: DeviceMesh with an ``"ep"`` dim (1D ``("ep",)`` or e.g.
+            ``("dp", "ep")``); its device type must be the model's (NCCL on CUDA, gloo on CPU).
+        fused: dispatch writes received tokens straight into the experts' padded layout
+            (default). False selects the unfused baseline (for benchmarks).
+    Returns:
+        ``model``; ``model.moeq_expert_parallel_fqns`` lists the sharded MoE layers.
+    Raises:
+        TypeError/ValueError: no DeviceMesh, no "ep" dim, experts not divisible by the EP
+        size, no MoE layer found, or already applied. NotImplementedError for experts
+        modules other than moeq's (transformers / torchtitan experts).
+        At run time, ranks whose experts run different recipes raise RuntimeError on the
+        first forward (checked with the count exchange, at no extra cost).
+    """
+    ep_mesh = _ep_mesh(device_mesh)
+    ep = ep_mesh.size()
+    from moeq.convert import _is_hf_experts, _is_torchtitan_experts  # local: convert imports torchao
+
+    moes = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, MoE)]
+    inside = {id(m.experts) for _, m in moes}
+    for fqn, m in model.named_modules():
+        if id(m) not in inside and not isinstance(m, GroupedExperts) and (_is_hf_experts(m) or _is_torchtitan_experts(m)):
+            raise NotImplementedError(
+                f"apply_expert_parallel shards moeq.MoE layers; {fqn} is a {type(m).__name__} experts module "
+                f"(transformers / torchtitan), whose routing lives outside it: not supported yet"
+            )
+    if not moes:
+        raise ValueError(f"apply_expert_parallel found no moeq.MoE layer in {type(model).__name__}")
+    for fqn, moe in moes:
+        E = moe.num_experts
+        if E % ep:
+            raise ValueError(
+                f"{fqn or '<root>'} has {E} experts, not divisible by the EP size {ep}: pick an 'ep' mesh size "
+                f"that divides the number of experts"
+            )
+        if getattr(moe, "expert_dispatcher", None) is not None:
+            raise ValueError(f"{fqn or '<root>'}: apply_expert_parallel was already applied")
+    for fqn, moe in moes:
+        experts = moe.experts
+        if type(experts) is GroupedExperts:
+            experts.__class__ = ShardedGroupedExperts
+        _shard_parameter(experts, "gate_up_proj", ep_mesh)
+        _shard_parameter(experts, "down_proj", ep_mesh)
+        moe.expert_dispatcher = ExpertParallelDispatcher(ep_mesh, moe.num_experts, fused=fused)
+    model.moeq_expert_parallel_fqns = [fqn for fqn, _ in moes]
+    return model

@@ -1,0 +1,259 @@
+"""Expert parallelism on gloo (CPU), 2 and 4 spawned processes, against the single-process MoE.
+
+Each spawn runs many cases, so process start-up is paid twice for the whole file. Every
+rank holds a contiguous (uneven, possibly empty) slice of one global batch; the routing
+is skewed so some experts get no tokens from anyone. EP forward and backward must equal
+the single-process MoE on the whole batch: bitwise where the reduction order is the
+same (outputs, input and expert gradients: within an expert, rows arrive in global token
+order), within a float tolerance for the router gradient (a sum over ranks).
+"""
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import moeq
+from moeq import padding as moeq_padding
+
+DIM, HIDDEN, TOP_K = 32, 32, 2  # multiples of 32: every recipe converts
+STARVED = (1,)  # experts no token is ever routed to (a whole-group-empty case)
+
+
+def _global_moe(num_experts, seed=0):
+    torch.manual_seed(seed)
+    moe = moeq.MoE(DIM, HIDDEN, num_experts, TOP_K, load_balancing="none", dtype=torch.bfloat16)
+    with torch.no_grad():
+        moe.router.gate.weight.normal_(0, 1.0)
+        moe.router.gate.weight[list(STARVED), 0] = -50.0  # x[:, 0] > 0 below: never chosen
+        moe.experts.gate_up_proj.normal_(0, 0.3)
+        moe.experts.down_proj.normal_(0, 0.3)
+    return moe
+
+
+def _global_batch(sizes, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(sizes), DIM, generator=g)
+    x[:, 0] = x[:, 0].abs() + 1.0
+    grad = torch.randn(sum(sizes), DIM, generator=g)
+    return x.to(torch.bfloat16), grad.to(torch.bfloat16)
+
+
+def _convert(moe, recipe):
+    if recipe is not None:
+        moeq.convert_model(moe, recipe, kernel="emulated")
+
+
+def _reference(num_experts, recipe, sizes):
+    moe = _global_moe(num_experts)
+    _convert(moe, recipe)
+    x, g = _global_batch(sizes)
+    x.requires_grad_()
+    out = moe(x)
+    out.backward(g)
+    return out.detach(), x.grad, {n: p.grad for n, p in moe.named_parameters()}
+
+
+class _PadSpy:
+    """Counts calls of moeq.padding.pad_token_groups (what converted experts pad with)."""
+
+    def __init__(self):
+        self.calls, self._orig = 0, moeq_padding.pad_token_groups
+
+    def __enter__(self):
+        def spy(*a, **k):
+            self.calls += 1
+            return self._orig(*a, **k)
+
+        moeq_padding.pad_token_groups = spy
+        return self
+
+    def __exit__(self, *exc):
+        moeq_padding.pad_token_groups = self._orig
+
+
+def _ep_step(mesh, num_experts, recipe, sizes, *, convert_first, fused=True, compile=False):
+    rank = dist.get_rank()
+    moe = _global_moe(num_experts)
+    if convert_first:
+        _convert(moe, recipe)
+    moeq.apply_expert_parallel(moe, mesh, fused=fused)
+    if not convert_first:
+        _convert(moe, recipe)
+    x, g = _global_batch(sizes)
+    start = sum(sizes[:rank])
+    x = x[start: start + sizes[rank]].clone().requires_grad_()
+    fn = torch.compile(moe, backend="aot_eager") if compile else moe
+    with _PadSpy() as spy:
+        out = fn(x)
+        out.backward(g[start: start + sizes[rank]])
+    return moe, out.detach(), x.grad, spy.calls
+
+
+def _check_case(mesh, num_experts, recipe, sizes, **kw):
+    rank, ep = dist.get_rank(), dist.get_world_size()
+    ref_out, ref_gx, ref_grads = _reference(num_experts, recipe, sizes)
+    moe, out, gx, pad_calls = _ep_step(mesh, num_experts, recipe, sizes, **kw)
+    start, n = sum(sizes[:rank]), sizes[rank]
+    what = f"recipe={recipe} sizes={sizes} {kw}"
+    assert torch.equal(out, ref_out[start: start + n]), f"forward differs: {what}"
+    assert torch.equal(gx, ref_gx[start: start + n]), f"input gradient differs: {what}"
+    e_local = num_experts // ep
+    for name in ("experts.gate_up_proj", "experts.down_proj"):
+        p = dict(moe.named_parameters())[name]
+        assert moeq.padding_policy.is_expert_parallel(p)
+        local = p.grad.to_local()
+        expect = ref_grads[name][rank * e_local: (rank + 1) * e_local]
+        assert torch.equal(local, expect), f"{name} gradient differs: {what}"
+    gw = moe.router.gate.weight.grad.float()
+    dist.all_reduce(gw)  # replicated router: data-parallel gradient sum (FSDP's job in training)
+    ref_gw = ref_grads["router.gate.weight"].float()
+    assert (gw - ref_gw).norm() <= 2e-2 * ref_gw.norm(), f"router gradient differs: {what}"
+    if recipe in ("fp8", "mxfp8") and kw.get("fused", True):
+        assert pad_calls == 0, f"experts padded again although dispatch aligned: {what}"
+    return moe
+
+
+def _worker(rank, world, store_path, cases, errors):
+    try:
+        os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+        try:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+            for case in cases:
+                globals()[case[0]](mesh, *case[1:])
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+
+
+def _spawn(world, cases):
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            mp.spawn(_worker, (world, os.path.join(d, "store"), cases, errors), nprocs=world)
+        except Exception:
+            msgs = []
+            while not errors.empty():
+                msgs.append(errors.get())
+            pytest.fail("\n".join(msgs) or "a worker failed")
+
+
+# ---- cases (run inside the workers) -----------------------------------------------
+
+
+def case_equivalence(mesh, num_experts, recipe, sizes, convert_first):
+    _check_case(mesh, num_experts, recipe, sizes, convert_first=convert_first)
+
+
+def case_unfused(mesh, num_experts, recipe, sizes):
+    _check_case(mesh, num_experts, recipe, sizes, convert_first=True, fused=False)
+
+
+def case_compile(mesh, num_experts, recipe, sizes):
+    _check_case(mesh, num_experts, recipe, sizes, convert_first=True, compile=True)
+
+
+def case_pad_spy_can_fail(mesh, num_experts, recipe, sizes):
+    # The spy sees the experts' own padding when the caller does not promise alignment.
+    moe = _global_moe(num_experts)
+    _convert(moe, recipe)
+    moeq.apply_expert_parallel(moe, mesh)
+    x = torch.randn(5, DIM, dtype=torch.bfloat16)
+    with _PadSpy() as spy:
+        moe.experts(x, torch.tensor([2, 3]), group_alignment=None)
+    assert spy.calls == 1
+
+
+def case_fsdp(mesh, num_experts, recipe, sizes):
+    # 2D mesh (dp, ep): FSDP2 shards the experts over "dp" (on top of their EP shard) and
+    # everything else over all ranks; the EP all-to-all runs inside each "ep" group.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh2d = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "ep"))
+    ref_out, ref_gx, ref_grads = _reference(num_experts, recipe, sizes)
+    moe = _global_moe(num_experts)
+    _convert(moe, recipe)
+    moeq.apply_expert_parallel(moe, mesh2d)
+    fully_shard(moe.experts, mesh=mesh2d["dp"])
+    fully_shard(moe, mesh=mesh2d["dp", "ep"]._flatten("dp_ep"))
+    x, g = _global_batch(sizes)
+    start, n = sum(sizes[:rank]), sizes[rank]
+    x = x[start: start + n].clone().requires_grad_()
+    out = moe(x)
+    out.backward(g[start: start + n])
+    assert torch.equal(out.detach(), ref_out[start: start + n])
+    assert torch.equal(x.grad, ref_gx[start: start + n])
+    # FSDP2 averages gradients over the ranks that share a parameter.
+    for name, scale in (("experts.gate_up_proj", 2), ("experts.down_proj", 2), ("router.gate.weight", world)):
+        got = dict(moe.named_parameters())[name].grad.full_tensor().float() * scale
+        ref = ref_grads[name].float()
+        assert (got - ref).norm() <= 2e-2 * ref.norm(), f"{name} gradient differs under FSDP2"
+
+
+def case_errors(mesh, num_experts, recipe, sizes):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    no_ep = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+    with pytest.raises(ValueError, match="no 'ep' dim"):
+        moeq.apply_expert_parallel(_global_moe(num_experts), no_ep)
+    with pytest.raises(ValueError, match="not divisible by the EP size"):
+        moeq.apply_expert_parallel(_global_moe(num_experts + 1), mesh)
+    with pytest.raises(TypeError, match="DeviceMesh"):
+        moeq.apply_expert_parallel(_global_moe(num_experts), None)
+    moe = _global_moe(num_experts)
+    moeq.apply_expert_parallel(moe, mesh)
+    with pytest.raises(ValueError, match="already applied"):
+        moeq.apply_expert_parallel(moe, mesh)
+    # Mismatched recipes: every rank raises at the count exchange (no hang).
+    moeq.convert_model(moe, "fp8" if dist.get_rank() == 0 else "mxfp8", kernel="emulated")
+    x = torch.randn(4, DIM, dtype=torch.bfloat16)
+    x[:, 0] = x[:, 0].abs() + 1
+    with pytest.raises(RuntimeError, match="different expert recipes"):
+        moe(x)
+
+
+# ---- tests --------------------------------------------------------------------------
+
+
+def test_ep2():
+    sizes = [7, 12]
+    _spawn(
+        2,
+        [
+            ("case_equivalence", 4, None, sizes, True),
+            ("case_equivalence", 4, "bf16", sizes, False),
+            ("case_equivalence", 4, "fp8", sizes, True),
+            ("case_equivalence", 4, "mxfp8", sizes, False),
+            ("case_unfused", 4, "mxfp8", sizes),
+            ("case_compile", 4, None, sizes),
+            ("case_pad_spy_can_fail", 4, "fp8", sizes),
+            ("case_errors", 4, None, sizes),
+        ],
+    )
+
+
+def test_ep4():
+    sizes = [5, 0, 9, 3]  # one rank with no tokens at all
+    _spawn(
+        4,
+        [
+            ("case_equivalence", 8, None, sizes, True),
+            ("case_equivalence", 8, "fp8", sizes, False),
+            ("case_equivalence", 8, "mxfp8", sizes, True),
+            ("case_unfused", 8, "fp8", sizes),
+            ("case_fsdp", 8, "mxfp8", sizes),
+        ],
+    )
