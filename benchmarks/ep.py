@@ -36,6 +36,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -98,6 +99,24 @@ def build_moe(args, recipe, device):
     kernel = "auto" if device.type == "cuda" else "emulated"
     moeq.convert_model(moe, recipe, kernel=kernel)
     return moe
+
+
+def count_host_syncs(step, device):
+    """Host syncs torch reports (cuda sync debug mode) in one fwd+bwd step; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    msgs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    for m in msgs:
+        print(f"[ep] host sync: {m.splitlines()[0]}", flush=True)
+    return len(msgs)
 
 
 def routing(args, rank, device):
@@ -164,10 +183,11 @@ def bench_recipe(args, recipe, mesh, rank, world, device):
 
     # correctness on this data before any timing
     outs = {name: ep_step(m)() for name, m in variants.items()}
+    syncs = count_host_syncs(ep_step(variants["fused"]), device)
     fused_eq_unfused = torch.equal(outs["fused"], outs["unfused"])
     gx, gidx, gw = (gather_rows(t, world) for t in (x, idx, w))
     gout_ep = gather_rows(outs["fused"], world)
-    row = {"recipe": recipe, "fused_equals_unfused": fused_eq_unfused}
+    row = {"recipe": recipe, "fused_equals_unfused": fused_eq_unfused, "host_syncs_per_step": syncs}
     if rank == 0:
         one = base._local_experts(gx, _Routing(gidx, gw)).detach()
         row["rel_err_ep_vs_1gpu"] = rel_err(gout_ep, one)
@@ -220,15 +240,15 @@ def markdown(rows, args, world, device_name):
         f"({args.tokens * world} tokens).",
         "",
         "| recipe | EP fused ms | EP unfused ms | unfused/fused | 1 GPU ms | 1 GPU / EP fused | "
-        "a2a MiB/rank/step (to other ranks) | fused==unfused | rel err EP vs 1 GPU | rel err EP vs fp64 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "a2a MiB/rank/step (to other ranks) | host syncs/step | fused==unfused | rel err EP vs 1 GPU | rel err EP vs fp64 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['recipe']} | {r['ep_fused_ms']:.3f} | {r['ep_unfused_ms']:.3f} | "
             f"{r['ep_unfused_ms'] / r['ep_fused_ms']:.2f}x | {r['one_gpu_ms']:.3f} | "
-            f"{r['one_gpu_ms'] / r['ep_fused_ms']:.2f}x | {r['a2a_mb_per_rank_step']:.1f} "
-            f"({r['a2a_remote_mb_per_rank_step']:.1f}) | {r['fused_equals_unfused']} | "
+            f"{r['one_gpu_ms'] / r['ep_fused_ms']:.2f}x | {r['a2a_mb_per_rank_step']:.4g} "
+            f"({r['a2a_remote_mb_per_rank_step']:.4g}) | {r['host_syncs_per_step']} | {r['fused_equals_unfused']} | "
             f"{r['rel_err_ep_vs_1gpu']:.2e} | {r['rel_err_ep_vs_fp64']:.2e} |"
         )
     return "\n".join(lines)

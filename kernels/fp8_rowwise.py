@@ -22,15 +22,21 @@ exact); ``q = e4m3(clamp(v * scale, -448, 448))`` rounded to nearest-even; the G
 reciprocal ``1 / scale``. The kernels round to the e4m3 grid by hand before the cast so that
 Triton's interpreter (whose float8 cast does not round ties to even) and the GPU agree.
 
-Each dual quantization is two passes over the source: pass A reads it once for the row amax
-(complete per program, the full row is looped over) and the per-group column amax (16-row
-sub-blocks lie inside one group because groups start at multiples of
-``GROUP_ALIGNMENT[FP8]``; merged across programs with float atomic max, which is
-order-independent, so results are deterministic); pass B reads it again and writes both
-quantized copies. Bytes: 2 + 2 read, 1 + 1 written per element of a bf16 source.
+Each dual quantization is two passes over the source. Pass A reads (BM, BK) tiles and merges
+the row amax and the per-group column amax with integer atomic max on the float bits
+(amax >= 0, so integer order is float order; max is order-independent, so results are
+deterministic). Groups start at multiples of ``GROUP_ALIGNMENT[FP8]``, so every 16-row
+sub-block lies in one group. Pass B reads the source again and writes both quantized copies
+(128-bit stores; the column copy transposed through shared memory) and the 1/scale vectors.
+Bytes: 2 + 2 read, 1 + 1 written per element of a bf16 source.
 
 Rows past ``offs[-1]`` (slack) are in no group: their row copy is quantized like any row and
-their entries of the column copy are zero.
+their entries of the column copy are +0. The column copy of an activation has
+round_up(M, 16) token columns (the 2D x 2D GEMM wants the token dim a multiple of 16);
+columns >= M are unspecified and never read.
+
+Every public function has a ``*_reference`` twin in plain torch; tests/test_fp8_hopper.py
+checks them bitwise (the SwiGLU modes up to exp() ulps) and against moeq/quant/fp8_rowwise.py.
 """
 from __future__ import annotations
 

@@ -43,9 +43,7 @@ from __future__ import annotations
 import torch
 
 from moeq.kernels import fp8_rowwise as _k
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
 
-_ALIGN = GROUP_ALIGNMENT[QuantizationType.FP8]
 _OUT_DTYPE = torch.bfloat16  # torch._scaled_grouped_mm's only output dtype
 # Hopper's FP8 tensor cores without periodic fp32 promotion, as torchao runs them: the
 # accumulation error stays far under the e4m3 rounding error (measured in

@@ -86,6 +86,11 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(a, b, offs=offs)
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # A no-op .to() here makes torch 2.11's compiled autograd return zero gradients.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class _MXFP8SwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_up_proj, down_proj, offs, need_grad: bool):
@@ -100,7 +105,7 @@ class _MXFP8SwiGLUExperts(torch.autograd.Function):
         if need_grad:
             ctx.save_for_backward(x_col, w1_n, w2_n, gate_up, h_col, offs)
         ctx.dtypes = (x.dtype, gate_up_proj.dtype, down_proj.dtype)
-        return y.to(x.dtype)
+        return _cast(y, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -111,16 +116,16 @@ class _MXFP8SwiGLUExperts(torch.autograd.Function):
         gy_row, gy_col = fq_2d(grad_y, offs, rows=need_x or need_w1, cols=need_w2)
         grad_w1 = grad_w2 = grad_x = None
         if need_w2:
-            grad_w2 = _gmm(gy_col.t(), h_col, offs).to(ctx.dtypes[2])  # (E, D, H)
+            grad_w2 = _cast(_gmm(gy_col.t(), h_col, offs), ctx.dtypes[2])  # (E, D, H)
         if need_x or need_w1:
             grad_h = _gmm(gy_row, w2_n, offs)  # (M, H); slack rows unwritten, ignored below
             del gy_row
             g_row, g_col = fq_swiglu_bwd(grad_h, gate_up, offs, rows=need_x, cols=need_w1)
             del grad_h
             if need_w1:
-                grad_w1 = _gmm(g_col.t(), x_col, offs).to(ctx.dtypes[1])  # (E, 2H, D)
+                grad_w1 = _cast(_gmm(g_col.t(), x_col, offs), ctx.dtypes[1])  # (E, 2H, D)
             if need_x:
-                grad_x = zero_slack_(_gmm(g_row, w1_n, offs), offs).to(ctx.dtypes[0])  # (M, D)
+                grad_x = _cast(zero_slack_(_gmm(g_row, w1_n, offs), offs), ctx.dtypes[0])  # (M, D)
         return grad_x, grad_w1, grad_w2, None, None
 
 
