@@ -123,10 +123,21 @@ def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
         )
     qtype = self.moeq_recipe
     align = self.group_alignment
-    # HF experts may use other activations and biases: per-GEMM kernels, not the fused SwiGLU.
+    num_experts = self.num_experts
+    if _is_plain_swiglu(self):
+        # Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V3: exactly moeq's SwiGLU experts, so they
+        # take the same (fused, on SM90) path as moeq.GroupedExperts.
+        grouped, counts, layout = _padding.permute_and_pad(hidden_states, top_k_index, num_experts, align)
+        w13, w2 = _local(self.gate_up_proj), _local(self.down_proj)
+        if qtype is QuantizationType.BF16:
+            out = swiglu_experts(grouped, w13, w2, counts)
+        else:
+            out = _swiglu_experts_quantized(grouped, w13, w2, group_end_offsets(counts, align), qtype, self.moeq_kernel)
+        out = _padding.combine_token_groups(out, layout, top_k_weights)
+        return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+    # Other activations, biases or layouts: per-GEMM kernels, not the fused SwiGLU.
     kernel_choice = KERNEL_AUTO if self.moeq_kernel == KERNEL_TRITON else self.moeq_kernel
     kernel = resolve_kernel(qtype, kernel_choice, hidden_states.device) if align else None
-    num_experts = self.num_experts
     grouped, counts, layout = _padding.permute_and_pad(hidden_states, top_k_index, num_experts, align)
     offs = group_end_offsets(counts, align)
     need_ids = self.has_bias
@@ -150,15 +161,24 @@ def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
     out = linear(h, self.down_proj, getattr(self, "down_proj_bias", None))
     if getattr(self, "has_post_expert_norm", False):
         out = self.post_expert_norm(out)
-    if align:
-        # Slack rows and padding rows can hold bias/activation garbage: the combine reads
-        # only real rows, but keep them finite for anything that inspects the buffer.
-        in_group = torch.arange(out.shape[0], device=out.device) < offs[-1]
-        out = torch.where(in_group[:, None], out, 0)
+    # Padding and slack rows may hold bias/activation values: the combine reads real rows only.
     out = _padding.combine_token_groups(out, layout, top_k_weights)
     # Cast only on a real change: a no-op .to() on an autograd.Function output is
     # miscompiled by torch 2.11's torch.compile (zero gradients).
     return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+
+
+def _is_plain_swiglu(module: nn.Module) -> bool:
+    """True for transformers experts computing exactly ``silu(x W_gate) * (x W_up) W_down``
+    with concatenated (E, 2I, D) / (E, D, I) weights and no biases or post-norm."""
+    if not module.has_gate or module.has_bias or module.is_transposed or getattr(module, "has_post_expert_norm", False):
+        return False
+    act = getattr(module, "act_fn", None)
+    if not getattr(module, "is_concatenated", True) or type(act).__name__ not in ("SiLU", "SiLUActivation"):
+        return False
+    from transformers.integrations.moe import _default_apply_gate
+
+    return getattr(type(module)._apply_gate, "__wrapped__", type(module)._apply_gate) is _default_apply_gate
 
 
 def _is_hf_experts(module: nn.Module) -> bool:

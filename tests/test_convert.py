@@ -232,6 +232,11 @@ def test_transformers_models_convert_and_train(name, recipe):
     assert len(converted.moeq_converted_fqns) == cfg.num_hidden_layers
     assert all(fqn.endswith("mlp.experts") for fqn in converted.moeq_converted_fqns)
     assert sum(isinstance(m, ConvertedExperts) for m in converted.modules()) == cfg.num_hidden_layers
+    from moeq.convert import _is_plain_swiglu
+
+    experts = [m for m in converted.modules() if isinstance(m, ConvertedExperts)]
+    # GPT-OSS (biases, interleaved gate/up, clamped activation) takes the per-GEMM path.
+    assert all(_is_plain_swiglu(m) == (name != "gpt_oss") for m in experts)
     # Routers, attention and embeddings untouched.
     assert type(converted.model.embed_tokens) is type(base.model.embed_tokens)
 
