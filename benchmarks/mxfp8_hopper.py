@@ -71,18 +71,7 @@ def bf16_split_experts(x, w1g, w1u, w2, offs):
     return torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)
 
 
-class _F32SwiGLU(torch.autograd.Function):
-    """moeq's SwiGLU numerics in plain torch (fp32 math, one bf16 rounding)."""
-
-    @staticmethod
-    def forward(ctx, gu):
-        ctx.save_for_backward(gu)
-        return K.swiglu_reference(gu)
-
-    @staticmethod
-    def backward(ctx, dh):
-        (gu,) = ctx.saved_tensors
-        return K.swiglu_backward_reference(dh.contiguous(), gu)
+_F32SwiGLU = K.SwiGLUReference
 
 
 def torchao_experts(x, w1, w2, offs, f32_swiglu=False):

@@ -142,6 +142,21 @@ def swiglu_backward_reference(grad_h: torch.Tensor, gate_up: torch.Tensor) -> to
     return round_to_bf16_reference(torch.cat([dgate, dup], -1))
 
 
+class SwiGLUReference(torch.autograd.Function):
+    """Differentiable :func:`swiglu_reference` (moeq's SwiGLU numerics: fp32 math, one
+    bf16 rounding), to compose with other libraries' GEMMs in tests and benchmarks."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        return swiglu_reference(gate_up)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        (gate_up,) = ctx.saved_tensors
+        return swiglu_backward_reference(grad_h.contiguous(), gate_up)
+
+
 def swiglu_fake_quant_reference(gate_up: torch.Tensor, offs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`mxfp8_swiglu_fake_quant`: row and column copies of h (M, H)."""
     return fake_quant_2d_reference(swiglu_reference(gate_up), offs)

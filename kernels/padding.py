@@ -260,6 +260,21 @@ if HAS_TRITON:
         return r.to(tl.uint16).to(tl.int16, bitcast=True)
 
     @triton.jit
+    def _gather_rows(src_ptr, out_ptr, src_rows, out_rows, valid, row_ok, pid_d, D,
+                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+        # out[out_rows, cols] = src[src_rows, cols] where valid, 0 elsewhere in row_ok.
+        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        src_ptrs = src_ptr + src_rows.to(tl.int64)[:, None] * D + cols[None, :]
+        out_ptrs = out_ptr + out_rows.to(tl.int64)[:, None] * D + cols[None, :]
+        if EVEN_D:
+            vals = tl.load(src_ptrs, mask=valid[:, None], other=0)
+            tl.store(out_ptrs, vals, mask=row_ok[:, None])
+        else:
+            cmask = cols[None, :] < D
+            vals = tl.load(src_ptrs, mask=valid[:, None] & cmask, other=0)
+            tl.store(out_ptrs, vals, mask=row_ok[:, None] & cmask)
+
+    @triton.jit
     def _pad_rows_kernel(
         src_ptr,
         out_ptr,
@@ -315,17 +330,7 @@ if HAS_TRITON:
             src_starts = tl.cumsum(c, 0) - c
             src = tl.sum(tl.where(sel, src_starts[None, :], 0), axis=1) + local
         valid = valid & (src >= 0) & (src < num_src_rows)  # never read out of bounds
-
-        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        src_ptrs = src_ptr + src.to(tl.int64)[:, None] * D + cols[None, :]
-        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :]
-        if EVEN_D:
-            vals = tl.load(src_ptrs, mask=valid[:, None], other=0)
-            tl.store(out_ptrs, vals, mask=row_ok[:, None])
-        else:
-            cmask = cols[None, :] < D
-            vals = tl.load(src_ptrs, mask=valid[:, None] & cmask, other=0)
-            tl.store(out_ptrs, vals, mask=row_ok[:, None] & cmask)
+        _gather_rows(src_ptr, out_ptr, src, rows, valid, row_ok, pid_d, D, BLOCK_D, EVEN_D)
 
     @triton.jit
     def _unpad_rows_kernel(
@@ -361,17 +366,7 @@ if HAS_TRITON:
             shift = tl.where(sel, (starts - (src_ends - c))[None, :], 0)
             dst = rows + tl.sum(shift, axis=1)
         valid = row_ok & (dst >= 0) & (dst < num_padded_rows)
-
-        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        src_ptrs = padded_ptr + dst.to(tl.int64)[:, None] * D + cols[None, :]
-        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :]
-        if EVEN_D:
-            vals = tl.load(src_ptrs, mask=valid[:, None], other=0)
-            tl.store(out_ptrs, vals, mask=row_ok[:, None])
-        else:
-            cmask = cols[None, :] < D
-            vals = tl.load(src_ptrs, mask=valid[:, None] & cmask, other=0)
-            tl.store(out_ptrs, vals, mask=row_ok[:, None] & cmask)
+        _gather_rows(padded_ptr, out_ptr, dst, rows, valid, row_ok, pid_d, D, BLOCK_D, EVEN_D)
 
     @triton.jit
     def _route_count_kernel(

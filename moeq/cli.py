@@ -14,7 +14,7 @@ from moeq.recipes import RECIPE_NAMES
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", metavar="PATH",
                    help="text files or directories to train on (default: the Python standard library's sources)")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)

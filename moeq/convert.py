@@ -16,6 +16,7 @@ from moeq.experts import GroupedExperts, group_end_offsets, swiglu, swiglu_exper
 from moeq.padding_policy import is_expert_parallel, needs_padding
 from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, get_kernel, select_kernel
 from moeq.quant.grouped_mm import quantized_grouped_mm
+from moeq.quant.groups import row_group_ids
 from moeq.recipes import QuantizationType, RecipeLike, group_alignment, parse_recipe
 
 FilterLike = Union[None, Sequence[str], Callable[[str, nn.Module], bool]]
@@ -100,12 +101,6 @@ class QuantizedGroupedExperts(ConvertedExperts, GroupedExperts):
         return _swiglu_experts_quantized(x, w13, w2, offs, qtype, kernel)
 
 
-def _expert_ids_of_rows(offs: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Expert id of each row of a grouped layout (slack rows get the last expert)."""
-    rows = torch.arange(num_rows, device=offs.device, dtype=offs.dtype)
-    return torch.searchsorted(offs, rows, right=True).clamp(max=offs.numel() - 1)
-
-
 def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
     """Forward of a converted transformers experts module (``@use_experts_implementation``).
 
@@ -141,7 +136,8 @@ def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
     grouped, counts, layout = _padding.permute_and_pad(hidden_states, top_k_index, num_experts, align)
     offs = group_end_offsets(counts, align)
     need_ids = self.has_bias
-    expert_ids = _expert_ids_of_rows(offs, grouped.shape[0]) if need_ids else None
+    # Expert of each row, for the per-expert bias (slack rows borrow the last expert's).
+    expert_ids = row_group_ids(offs, grouped.shape[0]).clamp(max=num_experts - 1) if need_ids else None
 
     def linear(inp, weight, bias):
         w = _local(weight)

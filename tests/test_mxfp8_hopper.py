@@ -192,18 +192,7 @@ def test_references_match_torchao_to_mx(seed):
 # --------------------------------------------------------------------------------------
 
 
-class _F32SwiGLU(torch.autograd.Function):
-    """moeq's SwiGLU numerics in plain torch, to compose with torchao's GEMMs."""
-
-    @staticmethod
-    def forward(ctx, gu):
-        ctx.save_for_backward(gu)
-        return K.swiglu_reference(gu)
-
-    @staticmethod
-    def backward(ctx, dh):
-        (gu,) = ctx.saved_tensors
-        return K.swiglu_backward_reference(dh.contiguous(), gu)
+_F32SwiGLU = K.SwiGLUReference
 
 
 def _torchao_experts(x, w1, w2, offs, swiglu):

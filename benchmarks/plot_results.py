@@ -1,0 +1,216 @@
+"""Plot the committed GPU benchmark results into docs/img/ (no GPU needed).
+
+    python benchmarks/plot_results.py [--results benchmarks/results] [--out docs/img]
+
+Reads only what the benchmark scripts wrote:
+
+* ``experts_h100.json`` (benchmarks/experts.py) -> ``experts_speed_h100.png``: speed of
+  every variant per shape, against the fastest BF16 variant of the same run and against
+  the 3-GEMM BF16 baseline, with the recipe targets drawn in (FP8 >= 1.3x, MXFP8 >= 0.8x).
+  Rows with an ``error`` (a variant that failed on the device) are skipped.
+* ``ep/qwen3_ep2_h200x4.json`` and ``ep/qwen3_ep4_h200x4.json`` (benchmarks/ep.py) ->
+  ``ep_scaling_h200.png``: ms per 1k routed tokens per GPU (weak scaling: same tokens per
+  GPU at EP=2 and EP=4), fused vs unfused dispatch, and the all-to-all bytes per rank.
+
+Prints the numbers it plotted. The EP JSONs hold whole-step times only (dispatch +
+experts + combine, forward + backward), no separate all-to-all time, so no all-to-all
+bandwidth is computed here: bytes / step time is only a lower bound on it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import OrderedDict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+FP8_TARGET = 1.3  # FP8 experts step >= 1.3x the BF16 step
+MXFP8_TARGET = 0.8  # MXFP8 experts step >= 0.8x the BF16 step (Hopper has no MXFP8 GEMM)
+
+SHAPE_LABELS = {
+    "mixtral_8x7b": "Mixtral-8x7B\nE=8 D=4096 H=14336 M=16384",
+    "qwen3_30b_a3b": "Qwen3-30B-A3B\nE=128 D=2048 H=768 M=65536",
+    "dsv3_ep8_local": "DeepSeek-V3, EP8-local\nE=32 D=7168 H=2048 M=32768",
+}
+
+
+def _load(path: str) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _variant_color(variant: str) -> str:
+    if variant.startswith("bf16") or "bf16" in variant:
+        return "#7f7f7f" if variant.startswith("bf16") else "#4d4d4d"
+    if "mxfp8" in variant:
+        return "#9ecae1" if "torchao" in variant else "#08519c"
+    if "per-GEMM" in variant:
+        return "#fdae6b"
+    if "torchao" in variant:
+        return "#fdd0a2" if "compiled" not in variant else "#f16913"
+    return "#a63603"  # moeq fp8
+
+
+def plot_experts(results_dir: str, out_path: str) -> None:
+    data = _load(os.path.join(results_dir, "experts_h100.json"))
+    rows = [r for r in data["rows"] if "error" not in r and "ms" in r]
+    skipped = [r for r in data["rows"] if "error" in r or "ms" not in r]
+    shapes = list(OrderedDict.fromkeys(r["shape"] for r in rows))
+    variants = list(OrderedDict.fromkeys(r["variant"] for r in rows))
+    by = {(r["shape"], r["variant"]): r for r in rows}
+
+    fig, axes = plt.subplots(2, 1, figsize=(14, 10.5), dpi=110, sharex=True)
+    panels = (
+        ("speed_vs_best_bf16", "speed vs fastest BF16\n(moeq bf16, fused gate|up)"),
+        ("speed_vs_bf16_3gemm", "speed vs BF16, 3 GEMMs\n(the issues' baseline)"),
+    )
+    width = 0.8 / len(variants)
+    for ax, (key, ylabel) in zip(axes, panels):
+        top = 0.0
+        for i, v in enumerate(variants):
+            xs, ys = [], []
+            for s, shape in enumerate(shapes):
+                r = by.get((shape, v))
+                if r is None:
+                    continue
+                xs.append(s - 0.4 + (i + 0.5) * width)
+                ys.append(r[key])
+            ax.bar(xs, ys, width * 0.92, color=_variant_color(v), edgecolor="black", linewidth=0.4, label=v)
+            for x, y in zip(xs, ys):
+                ax.text(x, y + 0.02, f"{y:.2f}", ha="center", va="bottom", fontsize=7, rotation=90,
+                        bbox=dict(facecolor="white", edgecolor="none", pad=0.3, alpha=0.85))
+            top = max(top, max(ys, default=0))
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.axhline(FP8_TARGET, color="#a63603", linestyle="--", linewidth=1)
+        ax.axhline(MXFP8_TARGET, color="#08519c", linestyle="--", linewidth=1)
+        # Labels in an empty strip right of the last shape, clear of the bars.
+        ax.text(2.98, 1.0, "1.0x = baseline", ha="right", va="bottom", fontsize=9)
+        ax.text(2.98, FP8_TARGET, f"FP8 target {FP8_TARGET}x", ha="right", va="bottom", fontsize=9, color="#a63603")
+        ax.text(2.98, MXFP8_TARGET, f"MXFP8 target {MXFP8_TARGET}x", ha="right", va="bottom", fontsize=9,
+                color="#08519c")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, max(top, FP8_TARGET) * 1.2)
+        ax.set_xlim(-0.5, 3.0)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_title(
+        f"Routed SwiGLU experts, forward + backward, {data['device']} (torch {data['torch']}); "
+        "higher is faster", fontsize=11,
+    )
+    axes[1].set_xticks(range(len(shapes)))
+    axes[1].set_xticklabels([SHAPE_LABELS.get(s, s) for s in shapes])
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(out_path)
+    plt.close(fig)
+
+    print(f"{out_path}:")
+    for shape in shapes:
+        for v in variants:
+            r = by.get((shape, v))
+            if r:
+                print(f"  {shape:15s} {v:34s} {r['ms']:8.2f} ms  vs best BF16 {r['speed_vs_best_bf16']:.2f}x  "
+                      f"vs 3-GEMM BF16 {r['speed_vs_bf16_3gemm']:.2f}x")
+    for r in skipped:
+        print(f"  skipped (failed): {r.get('shape')} {r.get('variant')}: {r.get('error', 'no ms')}")
+
+
+def _ep_rows(path: str) -> tuple[dict, dict]:
+    d = _load(path)
+    return d["meta"], {r["recipe"]: r for r in d["rows"]}
+
+
+def plot_ep(results_dir: str, out_path: str) -> None:
+    runs = OrderedDict()
+    for ep in (2, 4):
+        meta, rows = _ep_rows(os.path.join(results_dir, "ep", f"qwen3_ep{ep}_h200x4.json"))
+        runs[ep] = (meta, rows)
+    recipes = list(next(iter(runs.values()))[1])
+    meta0 = next(iter(runs.values()))[0]
+    a = meta0["args"]
+    routed_per_gpu = a["tokens"] * a["top_k"]  # routed (token, expert) rows leaving each GPU per step
+    for meta, _ in runs.values():
+        b = meta["args"]
+        assert (b["tokens"], b["top_k"], b["dim"], b["hidden"], b["experts"]) == (
+            a["tokens"], a["top_k"], a["dim"], a["hidden"], a["experts"]
+        ), "EP runs differ in more than the EP size"
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.2), dpi=110, gridspec_kw={"width_ratios": [2.2, 1]})
+    series = [(ep, kind) for ep in runs for kind in ("fused", "unfused")]
+    colors = {(2, "fused"): "#2171b5", (2, "unfused"): "#9ecae1", (4, "fused"): "#238b45", (4, "unfused"): "#a1d99b"}
+    width = 0.8 / len(series)
+    top = 0.0
+    for i, (ep, kind) in enumerate(series):
+        meta, rows = runs[ep]
+        xs = [j - 0.4 + (i + 0.5) * width for j in range(len(recipes))]
+        ys = [rows[r][f"ep_{kind}_ms"] / (routed_per_gpu / 1000) for r in recipes]
+        dp = meta["world"] // meta["ep"]
+        ax.bar(xs, ys, width * 0.92, color=colors[(ep, kind)], edgecolor="black", linewidth=0.4,
+               label=f"EP={ep} (dp={dp}), {kind} dispatch")
+        for x, y in zip(xs, ys):
+            ax.text(x, y + 0.002, f"{y:.3f}", ha="center", va="bottom", fontsize=8)
+        top = max(top, max(ys))
+    ax.set_xticks(range(len(recipes)))
+    ax.set_xticklabels(recipes)
+    ax.set_ylim(0, top * 1.25)
+    ax.set_ylabel(f"ms per 1k routed tokens per GPU\n(step ms / {routed_per_gpu:,} routed rows * 1000)")
+    ax.set_title(
+        f"Qwen3-like MoE layer on {meta0['world']} x {meta0['device']}: E={a['experts']} D={a['dim']} "
+        f"H={a['hidden']} top-{a['top_k']},\n{a['tokens']} tokens/GPU; fwd+bwd of dispatch + experts + combine "
+        "(lower is better)", fontsize=10,
+    )
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+
+    # Bytes are the same for every recipe (the dispatch moves BF16 rows).
+    labels, remote, local = [], [], []
+    for ep, (meta, rows) in runs.items():
+        r0 = rows[recipes[0]]
+        assert all(rows[r]["a2a_mb_per_rank_step"] == r0["a2a_mb_per_rank_step"] for r in recipes)
+        labels.append(f"EP={ep}")
+        remote.append(r0["a2a_remote_mb_per_rank_step"])
+        local.append(r0["a2a_mb_per_rank_step"] - r0["a2a_remote_mb_per_rank_step"])
+    ax2.bar(labels, remote, color="#d94801", edgecolor="black", linewidth=0.4, label="to other ranks")
+    ax2.bar(labels, local, bottom=remote, color="#fdd0a2", edgecolor="black", linewidth=0.4, label="to itself")
+    for i, (rm, lc) in enumerate(zip(remote, local)):
+        ax2.text(i, rm / 2, f"{rm:.0f}", ha="center", va="center", fontsize=9, color="white")
+        ax2.text(i, rm + lc + 10, f"{rm + lc:.0f} MiB", ha="center", va="bottom", fontsize=9)
+    ax2.set_ylim(0, max(r + l for r, l in zip(remote, local)) * 1.2)
+    ax2.set_ylabel("all-to-all MiB per rank per step")
+    ax2.set_title("all-to-all volume per rank\n(4 all-to-alls of BF16 rows, every recipe)", fontsize=10)
+    ax2.legend(fontsize=8, loc="upper left")
+    ax2.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+
+    print(f"{out_path}: ({routed_per_gpu} routed rows per GPU per step)")
+    for ep, (meta, rows) in runs.items():
+        for r in recipes:
+            row = rows[r]
+            print(f"  EP={ep} {r:6s} fused {row['ep_fused_ms']:.3f} ms "
+                  f"({row['ep_fused_ms'] / routed_per_gpu * 1000:.4f} ms/1k), unfused {row['ep_unfused_ms']:.3f} ms "
+                  f"({row['ep_unfused_ms'] / routed_per_gpu * 1000:.4f} ms/1k), a2a {row['a2a_mb_per_rank_step']:.0f} MiB "
+                  f"({row['a2a_remote_mb_per_rank_step']:.1f} remote)")
+    print("  no all-to-all time in the JSON: achieved all-to-all bandwidth not computed")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=os.path.join(HERE, "results"))
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "img"))
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    plot_experts(args.results, os.path.join(args.out, "experts_speed_h100.png"))
+    plot_ep(args.results, os.path.join(args.out, "ep_scaling_h200.png"))
+
+
+if __name__ == "__main__":
+    main()
