@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(c)
     c.set_defaults(func=_cmd_compare)
 
-    b = sub.add_parser("bench", help="run benchmarks/experts.py on this GPU and print its table")
+    b = sub.add_parser("bench", help="run benchmarks/experts.py on this GPU and print its table "
+                       "(arguments after 'bench' go to it, e.g. --shapes qwen3_30b_a3b --out DIR)")
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=_cmd_bench)
     return parser
@@ -123,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``moeq`` console script."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after "bench" belongs to benchmarks/experts.py
+        args = argparse.Namespace(func=_cmd_bench, bench_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as e:

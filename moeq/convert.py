@@ -14,7 +14,7 @@ from torch import nn
 from moeq import padding as _padding
 from moeq.experts import GroupedExperts, group_end_offsets, swiglu, swiglu_experts
 from moeq.padding_policy import is_expert_parallel, needs_padding
-from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, get_kernel, select_kernel
+from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, get_kernel, kernel_names, select_kernel
 from moeq.quant.grouped_mm import quantized_grouped_mm
 from moeq.quant.groups import row_group_ids
 from moeq.recipes import QuantizationType, RecipeLike, group_alignment, parse_recipe
@@ -289,7 +289,13 @@ def convert_model(
     """
     qtype = parse_recipe(recipe)
     if kernel not in (KERNEL_AUTO, KERNEL_TRITON):
-        get_kernel(kernel)  # ValueError listing the valid names
+        try:
+            get_kernel(kernel)
+        except ValueError:
+            raise ValueError(
+                f"unknown kernel {kernel!r}: use 'auto', 'triton' (fused SM90 experts) or a per-GEMM kernel "
+                f"({', '.join(repr(k) for k in kernel_names() if k != KERNEL_AUTO)})"
+            ) from None
     converted = []
     for fqn, module in model.named_modules():
         if isinstance(module, GroupedExperts):

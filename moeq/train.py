@@ -112,6 +112,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     """
     parse_recipe(cfg.recipe)  # fail fast on an unknown recipe
     device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # per run, so compare's rows are per recipe
     model, converted = build_model(cfg, device)
     step_fn = torch.compile(model.loss) if cfg.compile else model.loss
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))

@@ -133,7 +133,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match=r"cannot convert 0 to mxfp8: its dim is 48, not a multiple of 32"):
         convert_model(bad, "mxfp8")
     convert_model(bad, "fp8")  # 48 is a multiple of 16
-    with pytest.raises(ValueError, match="unknown grouped-GEMM kernel 'cutlass'"):
+    with pytest.raises(ValueError, match="unknown kernel 'cutlass': use 'auto', 'triton'.*'emulated'"):
         convert_model(moeq.GroupedExperts(64, 64, 2), "fp8", kernel="cutlass")
 
 
