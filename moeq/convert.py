@@ -6,14 +6,15 @@ and optimizers built before conversion keep working.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from moeq import padding as _padding
 from moeq.experts import GroupedExperts, group_end_offsets, swiglu, swiglu_experts
-from moeq.padding_policy import is_expert_parallel, needs_padding
+from moeq.padding_policy import local_tensor as _local
+from moeq.padding_policy import needs_padding
 from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, get_kernel, kernel_names, select_kernel
 from moeq.quant.grouped_mm import quantized_grouped_mm
 from moeq.quant.groups import row_group_ids
@@ -29,11 +30,6 @@ class ConvertedExperts:
     moeq_kernel: str
     # group_alignment (rows), set per instance by convert_model from the recipe: what
     # moeq.MoE's permute-and-pad should produce for these experts.
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor expert weight (EP), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def resolve_kernel(qtype: QuantizationType, kernel: str, device: torch.device) -> str:
@@ -85,12 +81,9 @@ class QuantizedGroupedExperts(ConvertedExperts, GroupedExperts):
     def forward(self, x, num_tokens_per_expert, *, group_alignment=None):
         """Same contract as :meth:`GroupedExperts.forward`; see moeq.padding_policy for padding."""
         qtype = self.moeq_recipe
-        w13, w2 = _local(self.gate_up_proj), _local(self.down_proj)
         if qtype is QuantizationType.BF16:
-            return swiglu_experts(
-                x, w13, w2, num_tokens_per_expert,
-                compute_backend=self.compute_backend, group_alignment=group_alignment,
-            )
+            return super().forward(x, num_tokens_per_expert, group_alignment=group_alignment)
+        w13, w2 = _local(self.gate_up_proj), _local(self.down_proj)
         kernel = self.moeq_kernel
         if needs_padding(qtype, group_alignment):
             align = self.group_alignment
@@ -326,7 +319,3 @@ def convert_model(
     model.moeq_converted_fqns = converted
     return model
 
-
-def converted_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    """(fqn, module) of every converted experts module in ``model``."""
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, ConvertedExperts))

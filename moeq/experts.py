@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeq.padding_policy import local_tensor
+
 # The one place backend names live.
 COMPUTE_BACKENDS = ("grouped_mm", "batched_mm_padded", "for_loop")
 
@@ -238,10 +240,11 @@ class GroupedExperts(nn.Module):
         Returns:
             (M, D) in x.dtype.
         """
+        # Under expert parallelism the weights are DTensors: compute on the local experts.
         return swiglu_experts(
             x,
-            self.gate_up_proj,
-            self.down_proj,
+            local_tensor(self.gate_up_proj),
+            local_tensor(self.down_proj),
             num_tokens_per_expert,
             compute_backend=self.compute_backend,
             group_alignment=group_alignment,

@@ -22,6 +22,16 @@ def is_expert_parallel(*params: torch.Tensor) -> bool:
     return False
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (an expert-parallel weight), or ``t`` itself."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return t
+    # isinstance, not hasattr: dynamo answers hasattr(DTensor param, "to_local") wrongly.
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def needs_padding(qtype: QuantizationType, incoming_alignment: Optional[int]) -> bool:
     """Whether the experts must pad their token groups before the recipe's GEMMs.
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moeq import padding as _padding  # registers the torch.ops.moeq row ops
-from moeq.experts import GroupedExperts, swiglu_experts
+from moeq.experts import GroupedExperts
 from moeq.moe import MoE
 from moeq.parallel.dispatch_plan import DispatchPlan, build_plan
 from moeq.recipes import group_alignment
@@ -208,28 +208,10 @@ class ExpertParallelDispatcher:
 # ----------------------------------------------------------------------------------
 
 
-def _local(t: Tensor) -> Tensor:
-    from torch.distributed.tensor import DTensor
-
-    # isinstance, not hasattr: dynamo answers hasattr(DTensor param, "to_local") wrongly.
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 class ShardedGroupedExperts(GroupedExperts):
-    """moeq.GroupedExperts whose weights are DTensors sharded over EP: computes on the
-    local shard (E/ep experts). ``moeq.convert_model`` turns it into its quantized class
-    like any GroupedExperts (which also computes on local shards)."""
-
-    def forward(self, x, num_tokens_per_expert, *, group_alignment=None):
-        """Same contract as :meth:`GroupedExperts.forward`, with (E/ep,) local counts."""
-        return swiglu_experts(
-            x,
-            _local(self.gate_up_proj),
-            _local(self.down_proj),
-            num_tokens_per_expert,
-            compute_backend=self.compute_backend,
-            group_alignment=group_alignment,
-        )
+    """Marks a moeq.GroupedExperts whose weights are DTensors sharded over EP. Its forward
+    is GroupedExperts' own, which computes on the local shard (E/ep experts);
+    ``moeq.convert_model`` turns it into its quantized class like any GroupedExperts."""
 
 
 def _ep_mesh(device_mesh):
