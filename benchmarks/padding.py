@@ -266,9 +266,15 @@ def host_overhead(a):
         "pad (kernel launcher only)": lambda: kp.pad_triton(xg, counts, a, rows),
         "unpad (public)": lambda: unpad_token_groups(padded, layout),
         "permute_and_pad (public)": lambda: permute_and_pad(x, ids, E, a),
+        "permute_and_pad (the custom op alone, no validation)": lambda: torch.ops.moeq.permute_and_pad(
+            x, ids, E, a, rows
+        ),
         "permute_and_pad (kernel launchers only)": lambda: kp.permute_and_pad_triton(x, ids, E, a, rows),
         "permute_and_pad (autograd.Function + launchers)": lambda: PermuteFn.apply(x),
         "combine (public)": lambda: combine_token_groups(y, lay, w),
+        "combine (the custom op alone, no validation)": lambda: torch.ops.moeq.combine_token_groups(
+            y, lay.dest_rows, lay.source_rows, w, k
+        ),
         "combine (kernel launcher only)": lambda: kp.combine_triton(y, lay.dest_rows, w, k),
         "x.clone()": lambda: xg.clone(),
     }

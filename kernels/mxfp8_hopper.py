@@ -116,6 +116,17 @@ def fake_quant_2d_reference(x: torch.Tensor, offs: Optional[torch.Tensor] = None
     return fake_quant_rows_reference(x, offs), fake_quant_cols_reference(x, offs)
 
 
+def permute_fake_quant_reference(
+    x: torch.Tensor, source_rows: torch.Tensor, top_k: int, offs: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`mxfp8_permute_fake_quant`: the padded expert-major rows
+    ``x[source_rows // top_k]`` (zero where ``source_rows`` is -1), then both copies."""
+    s = source_rows.to(torch.int64)
+    ext = torch.cat([x, x.new_zeros(1, x.shape[1])])
+    gathered = ext[torch.where(s >= 0, s // top_k, x.shape[0])]
+    return fake_quant_2d_reference(gathered, offs)
+
+
 def fake_quant_weight_reference(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`mxfp8_fake_quant_weight`: (E, N, K) -> (along K, along N), bf16."""
     return mxfp8_fake_quantize(w, dim=-1, out_dtype=_BF16), mxfp8_fake_quantize(w, dim=-2, out_dtype=_BF16)
@@ -241,9 +252,9 @@ def _fq_cols(v, BM: tl.constexpr, BK: tl.constexpr, BLOCK: tl.constexpr, HW: tl.
 
 
 @triton.jit
-def _mx_fq_kernel(src_ptr, aux_ptr, row_ptr, col_ptr, offs_ptr,
+def _mx_fq_kernel(src_ptr, aux_ptr, row_ptr, col_ptr, offs_ptr, index_ptr,
                   M, K, stride_s, stride_a, stride_o, num_groups,
-                  MODE: tl.constexpr, HAS_OFFS: tl.constexpr,
+                  MODE: tl.constexpr, HAS_OFFS: tl.constexpr, HAS_INDEX: tl.constexpr, TOP_K: tl.constexpr,
                   WRITE_ROW: tl.constexpr, WRITE_COL: tl.constexpr,
                   BM: tl.constexpr, BK: tl.constexpr, BLOCK: tl.constexpr, HW: tl.constexpr):
     """One (BM, BK) tile of the logical (M, K) source -> its row and column fake-quant copies.
@@ -251,6 +262,8 @@ def _mx_fq_kernel(src_ptr, aux_ptr, row_ptr, col_ptr, offs_ptr,
     MODE_PLAIN: source src (M, K). MODE_SWIGLU: src is gate_up (M, 2K), source
     silu(gate) * up. MODE_SWIGLU_BWD: src is gate_up (M, 2K), aux is grad_h (M, K); the
     source is [d gate | d up] (M, 2K): this tile writes columns [c, c+BK) and [K+c, K+c+BK).
+    HAS_INDEX (MODE_PLAIN): output row r reads source row ``index[r] // TOP_K`` (zeros where
+    ``index[r]`` is -1): the permute-and-pad gather fused into the fake-quant pass.
     (Stores stay in this body, not in helpers: torch.compile's mutation analysis of user
     Triton kernels reads them here.)
     """
@@ -264,7 +277,13 @@ def _mx_fq_kernel(src_ptr, aux_ptr, row_ptr, col_ptr, offs_ptr,
         load_mask = in_bounds & (rows[:, None] < end)
     else:
         load_mask = in_bounds
-    src = src_ptr + rows[:, None].to(tl.int64) * stride_s + cols[None, :]
+    if HAS_INDEX:
+        routed = tl.load(index_ptr + rows, mask=rows < M, other=-1)
+        load_mask = load_mask & (routed >= 0)[:, None]
+        src_rows = tl.where(routed >= 0, routed // TOP_K, 0)
+    else:
+        src_rows = rows
+    src = src_ptr + src_rows[:, None].to(tl.int64) * stride_s + cols[None, :]
     out = rows[:, None].to(tl.int64) * stride_o + cols[None, :]
     if MODE == 0:
         v = tl.load(src, mask=load_mask, other=0.0).to(tl.float32)
@@ -339,16 +358,18 @@ def _check_2d(name: str, x: torch.Tensor, k_multiple: int) -> None:
         raise ValueError(f"{name} must have unit stride along its last dim; call .contiguous()")
 
 
-def _launch_eager(mode, src, aux, offs, m, k, out_cols, write_row, write_col, tiles):
+def _launch_eager(mode, src, aux, offs, m, k, out_cols, write_row, write_col, tiles, index=None, top_k=1):
     bm, bk, warps = _tile(mode, tiles)
     row = torch.empty((m, out_cols) if write_row else (0,), dtype=_BF16, device=src.device)
     col = torch.empty((m, out_cols) if write_col else (0,), dtype=_BF16, device=src.device)
     if m > 0 and k > 0:
         _mx_fq_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bk))](
-            src, aux if aux is not None else src, row, col, offs if offs is not None else src,
+            src if src.numel() else src.new_empty(1), aux if aux is not None else src, row, col,
+            offs if offs is not None else src, index if index is not None else src,
             m, k, src.stride(0), aux.stride(0) if aux is not None else 0, out_cols,
             offs.numel() if offs is not None else 0,
-            MODE=mode, HAS_OFFS=offs is not None, WRITE_ROW=write_row, WRITE_COL=write_col,
+            MODE=mode, HAS_OFFS=offs is not None, HAS_INDEX=index is not None, TOP_K=top_k,
+            WRITE_ROW=write_row, WRITE_COL=write_col,
             BM=bm, BK=bk, BLOCK=MX_BLOCK_SIZE, HW=not _INTERPRET, num_warps=warps,
         )
     return row, col
@@ -361,14 +382,14 @@ def _launch_eager(mode, src, aux, offs, m, k, out_cols, write_row, write_col, ti
 # tensors, leaving the compiled backward's outputs unwritten.)
 @torch.library.custom_op("moeq::mxfp8_hopper_fake_quant", mutates_args=())
 def _fq_op(
-    src: torch.Tensor, aux: Optional[torch.Tensor], offs: Optional[torch.Tensor], mode: int, m: int, k: int,
-    out_cols: int, write_row: bool, write_col: bool,
+    src: torch.Tensor, aux: Optional[torch.Tensor], offs: Optional[torch.Tensor], index: Optional[torch.Tensor],
+    top_k: int, mode: int, m: int, k: int, out_cols: int, write_row: bool, write_col: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _launch_eager(mode, src, aux, offs, m, k, out_cols, write_row, write_col, None)
+    return _launch_eager(mode, src, aux, offs, m, k, out_cols, write_row, write_col, None, index, top_k)
 
 
 @_fq_op.register_fake
-def _(src, aux, offs, mode, m, k, out_cols, write_row, write_col):
+def _(src, aux, offs, index, top_k, mode, m, k, out_cols, write_row, write_col):
     return (
         src.new_empty((m, out_cols) if write_row else (0,), dtype=_BF16),
         src.new_empty((m, out_cols) if write_col else (0,), dtype=_BF16),
@@ -385,11 +406,11 @@ def _(out, offs):
     return None
 
 
-def _launch(mode, src, aux, offs, m, k, out_cols, write_row, write_col, tiles):
+def _launch(mode, src, aux, offs, m, k, out_cols, write_row, write_col, tiles, index=None, top_k=1):
     if tiles is None:
-        row, col = _fq_op(src, aux, offs, mode, m, k, out_cols, write_row, write_col)
+        row, col = _fq_op(src, aux, offs, index, top_k, mode, m, k, out_cols, write_row, write_col)
     else:  # explicit tiles: the tuning sweep of benchmarks/mxfp8_hopper.py, eager only
-        row, col = _launch_eager(mode, src, aux, offs, m, k, out_cols, write_row, write_col, tiles)
+        row, col = _launch_eager(mode, src, aux, offs, m, k, out_cols, write_row, write_col, tiles, index, top_k)
     return (row if write_row else None, col if write_col else None)
 
 
@@ -418,6 +439,41 @@ def mxfp8_fake_quant_2d(
     if offs is not None:
         _check_offs(offs, x)
     return _launch(MODE_PLAIN, x, None, offs, x.shape[0], x.shape[1], x.shape[1], rows, cols, tiles)
+
+
+def mxfp8_permute_fake_quant(
+    x: torch.Tensor,
+    source_rows: torch.Tensor,
+    top_k: int,
+    offs: torch.Tensor,
+    *,
+    rows: bool = True,
+    cols: bool = True,
+    tiles: Optional[dict] = None,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Permute-and-pad fused with both MXFP8 fake-quant copies: tokens read once.
+
+    Equals ``mxfp8_fake_quant_2d(permute_and_pad(x, ...)[0], offs)`` bitwise, without
+    writing and re-reading the padded bf16 rows.
+
+    Args:
+        x: (T, K) bf16/fp32 tokens, K a multiple of 32.
+        source_rows: (R,) int32 from moeq's padded layout: routed copy ``t*top_k + j`` of
+            each padded row, -1 on padding and slack rows.
+        top_k: copies per token.
+        offs: (E,) int32 padded group ends (groups start at multiples of 32).
+    Returns:
+        ``(row, col)``, each (R, K) bf16 or None.
+    """
+    _check_2d("x", x, MX_BLOCK_SIZE)
+    _check_offs(offs, x)
+    if source_rows.dtype != torch.int32 or source_rows.dim() != 1 or source_rows.device != x.device:
+        raise ValueError(
+            f"source_rows must be a 1D int32 tensor on {x.device} (PaddedLayout.source_rows), got "
+            f"{source_rows.dtype} {tuple(source_rows.shape)} on {source_rows.device}"
+        )
+    r = source_rows.shape[0]
+    return _launch(MODE_PLAIN, x, None, offs, r, x.shape[1], x.shape[1], rows, cols, tiles, source_rows, top_k)
 
 
 def mxfp8_fake_quant_weight(

@@ -48,6 +48,8 @@ __all__ = [
     "pad_rows_triton",
     "unpad_reference",
     "unpad_triton",
+    "route_reference",
+    "route_triton",
     "permute_and_pad_reference",
     "permute_and_pad_triton",
     "combine_reference",
@@ -161,7 +163,13 @@ def unpad_reference(
     return _gather_rows_or_zero(padded, dst)
 
 
-def _route_reference(expert_indices: Tensor, num_experts: int, alignment: int, num_out_rows: int):
+def route_reference(expert_indices: Tensor, num_experts: int, alignment: int, num_out_rows: int):
+    """Where each routed copy goes in the expert-major padded layout, without moving rows.
+
+    Returns ``counts`` (E,) int64, ``padded_offsets`` (E,) int32, ``group_starts`` (E,)
+    int32, ``dest_rows`` (T*k,) int32 and ``source_rows`` (num_out_rows,) int32 (-1 on
+    padding and slack rows), as :func:`permute_and_pad_reference` returns them.
+    """
     flat = expert_indices.reshape(-1).to(torch.int64)
     n = flat.numel()
     dev = flat.device
@@ -186,7 +194,7 @@ def permute_and_pad_reference(x: Tensor, expert_indices: Tensor, num_experts: in
     (``t*k + j`` of each padded row, -1 on padding and slack rows). Within an expert the
     copies keep (token, slot) order. Expects valid indices (checked by moeq.padding).
     """
-    counts, offs, starts, dest, source_rows = _route_reference(expert_indices, num_experts, alignment, num_out_rows)
+    counts, offs, starts, dest, source_rows = route_reference(expert_indices, num_experts, alignment, num_out_rows)
     padded = pad_rows_reference(x, counts, alignment, num_out_rows, source_rows, expert_indices.shape[1])
     return padded, counts, offs, starts, dest, source_rows
 
@@ -401,13 +409,30 @@ if HAS_TRITON:
         ALIGN: tl.constexpr,
         BLOCK_F: tl.constexpr,
         BLOCK_E: tl.constexpr,
+        PREFIX_IN_KERNEL: tl.constexpr,
+        BLOCK_NB: tl.constexpr,
     ):
         # dest[f] = group_start[e] + (copies of e in earlier blocks) + (earlier copies of
         # e in this block): a stable counting sort without a sort.
         pid = tl.program_id(0)
         e = tl.arange(0, BLOCK_E)
         emask = e < E
-        c = tl.load(incl_ptr + e * num_blocks + (num_blocks - 1), mask=emask, other=0)
+        col = e * num_blocks + pid
+        mine = tl.load(block_counts_ptr + col, mask=emask, other=0)
+        if PREFIX_IN_KERNEL:
+            # few blocks: every program sums the (E, num_blocks) histograms itself, which
+            # saves the prefix-sum launch (host launch cost dominates small problems)
+            b = tl.arange(0, BLOCK_NB)
+            hist = tl.load(
+                block_counts_ptr + e[:, None] * num_blocks + b[None, :],
+                mask=emask[:, None] & (b[None, :] < num_blocks),
+                other=0,
+            )
+            c = tl.sum(hist, 1)
+            before = tl.sum(tl.where(b[None, :] < pid, hist, 0), 1)
+        else:
+            c = tl.load(incl_ptr + e * num_blocks + (num_blocks - 1), mask=emask, other=0)
+            before = tl.load(incl_ptr + col, mask=emask, other=0) - mine
         sizes = (c + (ALIGN - 1)) // ALIGN * ALIGN
         ends = tl.cumsum(sizes, 0)
         starts = ends - sizes
@@ -417,8 +442,6 @@ if HAS_TRITON:
         tl.store(starts_ptr + e, starts, mask=emask & first)
         tl.store(ok_ptr, (tl.sum(c, 0) == F).to(tl.int32), mask=first)
 
-        col = e * num_blocks + pid
-        before = tl.load(incl_ptr + col, mask=emask, other=0) - tl.load(block_counts_ptr + col, mask=emask, other=0)
         base = starts + before
         f = pid * BLOCK_F + tl.arange(0, BLOCK_F)
         fmask = f < F
@@ -705,36 +728,46 @@ def unpad_triton(
     return out.view(padded.dtype)
 
 
-def permute_and_pad_triton(
-    x: Tensor,
-    expert_indices: Tensor,
-    num_experts: int,
-    alignment: int,
-    num_out_rows: int,
-    *,
-    config: Optional[dict] = None,
+# The index kernel sums the block histograms itself up to this many (expert, block)
+# entries; above it a torch.cumsum launch is cheaper than every program re-reading them.
+_PREFIX_IN_KERNEL_MAX = 4096
+
+
+def route_triton(
+    expert_indices: Tensor, num_experts: int, alignment: int, num_out_rows: int, *, fill_source_rows: bool = True
 ):
-    """Triton twin of :func:`permute_and_pad_reference`, plus ``ok`` (1,) int32: 1 iff
-    every index is in [0, num_experts). Four launches: block histograms, their prefix
-    sum (torch.cumsum), destination rows, the padded gather."""
+    """Triton twin of :func:`route_reference`, plus ``ok`` (1,) int32: 1 iff every index is
+    in [0, num_experts).
+
+    Two launches when the (experts x blocks) histogram is small (block histograms, then
+    destination rows with the prefix over blocks summed in-kernel), three otherwise (a
+    torch.cumsum between). ``fill_source_rows=False`` leaves padding and slack entries of
+    ``source_rows`` unwritten, for callers whose next kernel writes them (one launch less).
+    """
     T, k = expert_indices.shape
     F = T * k
     E = num_experts
-    dev = x.device
+    dev = expert_indices.device
     ids = expert_indices.contiguous().view(-1)
     block_e = _block_e(E)
     block_f = max(16, min(1024, 8192 // block_e, _next_pow2(max(F, 1))))
     num_blocks = max(1, _cdiv(F, block_f))
     block_counts = torch.empty((E, num_blocks), dtype=torch.int32, device=dev)
-    ids_arg = _nonempty(ids)
-    _route_count_kernel[(num_blocks,)](ids_arg, block_counts, F, E, num_blocks, BLOCK_F=block_f, BLOCK_E=block_e)
-    incl = torch.cumsum(block_counts, 1, dtype=torch.int32)
     counts = torch.empty(E, dtype=torch.int64, device=dev)
+    # separate buffers: custom ops may not return views of one another
     offs = torch.empty(E, dtype=torch.int32, device=dev)
     starts = torch.empty(E, dtype=torch.int32, device=dev)
     ok = torch.empty(1, dtype=torch.int32, device=dev)
     dest = torch.empty(F, dtype=torch.int32, device=dev)
-    source_rows = torch.empty(num_out_rows, dtype=torch.int32, device=dev)
+    if fill_source_rows:
+        source_rows = torch.full((num_out_rows,), -1, dtype=torch.int32, device=dev)
+    else:
+        source_rows = torch.empty(num_out_rows, dtype=torch.int32, device=dev)
+    ids_arg = _nonempty(ids)
+    _route_count_kernel[(num_blocks,)](ids_arg, block_counts, F, E, num_blocks, BLOCK_F=block_f, BLOCK_E=block_e)
+    block_nb = _next_pow2(num_blocks)
+    in_kernel = block_e * block_nb <= _PREFIX_IN_KERNEL_MAX
+    incl = block_counts if in_kernel else torch.cumsum(block_counts, 1, dtype=torch.int32)
     _route_index_kernel[(num_blocks,)](
         ids_arg,
         block_counts,
@@ -752,6 +785,27 @@ def permute_and_pad_triton(
         ALIGN=alignment,
         BLOCK_F=block_f,
         BLOCK_E=block_e,
+        PREFIX_IN_KERNEL=in_kernel,
+        BLOCK_NB=block_nb if in_kernel else 1,
+    )
+    return counts, offs, starts, dest, source_rows, ok
+
+
+def permute_and_pad_triton(
+    x: Tensor,
+    expert_indices: Tensor,
+    num_experts: int,
+    alignment: int,
+    num_out_rows: int,
+    *,
+    config: Optional[dict] = None,
+):
+    """Triton twin of :func:`permute_and_pad_reference`, plus ``ok`` (1,) int32: 1 iff
+    every index is in [0, num_experts). Three launches (block histograms, destination
+    rows, the padded gather, which also writes -1 into ``source_rows`` on padding rows),
+    four for large histograms (see :func:`route_triton`)."""
+    counts, offs, starts, dest, source_rows, ok = route_triton(
+        expert_indices, num_experts, alignment, num_out_rows, fill_source_rows=False
     )
     padded = _launch_pad_rows(
         x,
@@ -759,7 +813,7 @@ def permute_and_pad_triton(
         alignment,
         num_out_rows,
         index=source_rows,
-        top_k=k,
+        top_k=expert_indices.shape[1],
         write_neg=True,
         layout_out=None,
         config=config,

@@ -75,6 +75,37 @@ def _swiglu_experts_quantized(x, gate_up_proj, down_proj, offs, qtype, kernel):
     return quantized_grouped_mm(h, down_proj, offs, qtype=qtype, kernel=kernel)
 
 
+def routed_swiglu_experts(tokens, expert_indices, expert_weights, gate_up_proj, down_proj, qtype, kernel):
+    """A routed SwiGLU experts block (permute-and-pad, experts, weighted combine) in qtype.
+
+    Args:
+        tokens: (T, D). expert_indices: (T, k) ids in [0, E). expert_weights: (T, k).
+        gate_up_proj: (E, 2H, D) local tensor. down_proj: (E, D, H) local tensor.
+        qtype: the recipe. kernel: the user's kernel choice.
+    Returns:
+        (T, D) in tokens.dtype.
+    Where a fused kernel can take the tokens straight from the routing (MXFP8 on SM90:
+    the gather is fused into the fake-quant pass), it does; otherwise tokens are
+    permuted and padded to the recipe's alignment in one pass.
+    """
+    num_experts = gate_up_proj.shape[0]
+    align = group_alignment(qtype)
+    fused = fused_experts_kernel(qtype, kernel, tokens.device)
+    if qtype is QuantizationType.MXFP8 and fused is not None and tokens.dtype == torch.bfloat16:
+        from moeq.quant.mxfp8_hopper import mxfp8_routed_swiglu_experts
+
+        return mxfp8_routed_swiglu_experts(tokens, expert_indices, expert_weights, gate_up_proj, down_proj)
+    grouped, counts, layout = _padding.permute_and_pad(tokens, expert_indices, num_experts, align)
+    if qtype is QuantizationType.BF16:
+        out = swiglu_experts(grouped, gate_up_proj, down_proj, counts)
+    else:
+        out = _swiglu_experts_quantized(grouped, gate_up_proj, down_proj, group_end_offsets(counts, align), qtype, kernel)
+    out = _padding.combine_token_groups(out, layout, expert_weights)
+    # Cast only on a real change: a no-op .to() on an autograd.Function output is
+    # miscompiled by torch 2.11's torch.compile (zero gradients).
+    return out if out.dtype == tokens.dtype else out.to(tokens.dtype)
+
+
 class QuantizedGroupedExperts(ConvertedExperts, GroupedExperts):
     """moeq.GroupedExperts whose GEMMs follow ``moeq_recipe``; pads only when needed."""
 
@@ -92,6 +123,13 @@ class QuantizedGroupedExperts(ConvertedExperts, GroupedExperts):
             return _padding.unpad_token_groups(y, layout)
         offs = group_end_offsets(num_tokens_per_expert, group_alignment)
         return _swiglu_experts_quantized(x, w13, w2, offs, qtype, kernel)
+
+    def routed_forward(self, tokens, expert_indices, expert_weights):
+        """Same contract as :meth:`GroupedExperts.routed_forward`, in ``moeq_recipe``."""
+        if self.moeq_recipe is QuantizationType.BF16:
+            return super().routed_forward(tokens, expert_indices, expert_weights)
+        w13, w2 = _local(self.gate_up_proj), _local(self.down_proj)
+        return routed_swiglu_experts(tokens, expert_indices, expert_weights, w13, w2, self.moeq_recipe, self.moeq_kernel)
 
 
 def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -115,14 +153,8 @@ def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
     if _is_plain_swiglu(self):
         # Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V3: exactly moeq's SwiGLU experts, so they
         # take the same (fused, on SM90) path as moeq.GroupedExperts.
-        grouped, counts, layout = _padding.permute_and_pad(hidden_states, top_k_index, num_experts, align)
         w13, w2 = _local(self.gate_up_proj), _local(self.down_proj)
-        if qtype is QuantizationType.BF16:
-            out = swiglu_experts(grouped, w13, w2, counts)
-        else:
-            out = _swiglu_experts_quantized(grouped, w13, w2, group_end_offsets(counts, align), qtype, self.moeq_kernel)
-        out = _padding.combine_token_groups(out, layout, top_k_weights)
-        return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+        return routed_swiglu_experts(hidden_states, top_k_index, top_k_weights, w13, w2, qtype, self.moeq_kernel)
     # Other activations, biases or layouts: per-GEMM kernels, not the fused SwiGLU.
     kernel_choice = KERNEL_AUTO if self.moeq_kernel == KERNEL_TRITON else self.moeq_kernel
     kernel = resolve_kernel(qtype, kernel_choice, hidden_states.device) if align else None

@@ -250,6 +250,25 @@ class GroupedExperts(nn.Module):
             group_alignment=group_alignment,
         )
 
+    def routed_forward(
+        self, tokens: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """All experts on this device: permute-and-pad, :meth:`forward`, weighted combine.
+
+        Args:
+            tokens: (T, D). expert_indices: (T, k) ids in [0, E). expert_weights: (T, k).
+        Returns:
+            (T, D) in tokens.dtype: ``sum_j weights[t, j] * expert_{idx[t, j]}(tokens[t])``.
+        Tokens are laid out in this module's ``group_alignment`` in the same pass, so its
+        GEMMs never pad again. Quantized subclasses may fuse more (see moeq.convert).
+        """
+        from moeq.padding import combine_token_groups, permute_and_pad
+
+        alignment = self.group_alignment
+        grouped, counts, layout = permute_and_pad(tokens, expert_indices, self.num_experts, alignment)
+        out = self(grouped, counts, group_alignment=alignment)
+        return combine_token_groups(out, layout, expert_weights)
+
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeq.experts import GroupedExperts
-from moeq.padding import combine_token_groups, permute_and_pad
 from moeq.router import TopKRouter, attach_aux_loss
 
 
@@ -115,11 +114,6 @@ class MoE(nn.Module):
 
     def _local_experts(self, tokens: torch.Tensor, routing) -> torch.Tensor:
         """(T, D) -> (T, D): all experts on this device (no expert parallelism)."""
-        # Lay tokens out in the alignment the experts' GEMMs want, in one pass, so
-        # the experts never pad again (moeq.convert_model sets it per recipe).
-        alignment = self.experts.group_alignment
-        grouped, num_tokens_per_expert, layout = permute_and_pad(
-            tokens, routing.expert_indices, self.num_experts, alignment
-        )
-        expert_out = self.experts(grouped, num_tokens_per_expert, group_alignment=alignment)
-        return combine_token_groups(expert_out, layout, routing.expert_weights)
+        # The experts lay tokens out in the alignment their GEMMs want, in one pass, so
+        # they never pad again (moeq.convert_model sets it per recipe).
+        return self.experts.routed_forward(tokens, routing.expert_indices, routing.expert_weights)

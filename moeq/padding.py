@@ -26,6 +26,7 @@ __all__ = [
     "pad_token_groups",
     "unpad_token_groups",
     "permute_and_pad",
+    "route_tokens",
     "combine_token_groups",
 ]
 
@@ -145,14 +146,16 @@ def padded_rows(num_rows: int, num_groups: int, alignment: Optional[int]) -> int
 # ----------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moeq::pad_token_groups", mutates_args=())
-def _pad_op(x: Tensor, counts: Tensor, alignment: int, num_out_rows: int) -> Tuple[Tensor, Tensor, Tensor]:
+def _pad_impl(x: Tensor, counts: Tensor, alignment: int, num_out_rows: int) -> Tuple[Tensor, Tensor, Tensor]:
     if _use_triton(x):
         padded, offs, starts, ok = _k.pad_triton(x, counts, alignment, num_out_rows)
         torch._assert_async(ok, _COUNTS_MSG)
         return padded, offs, starts
     _assert_counts_host(counts, x.shape[0])
     return _k.pad_reference(x, counts, alignment, num_out_rows)
+
+
+_pad_op = torch.library.custom_op("moeq::pad_token_groups", _pad_impl, mutates_args=())
 
 
 @_pad_op.register_fake
@@ -179,8 +182,7 @@ def _(x, counts, source_rows, alignment, num_out_rows, top_k):
     return x.new_empty((num_out_rows, x.shape[1]))
 
 
-@torch.library.custom_op("moeq::unpad_token_groups", mutates_args=())
-def _unpad_op(
+def _unpad_impl(
     padded: Tensor,
     counts: Tensor,
     dest_rows: Optional[Tensor],
@@ -193,13 +195,15 @@ def _unpad_op(
     return _k.unpad_reference(padded, counts, alignment, num_rows, dest_rows)
 
 
+_unpad_op = torch.library.custom_op("moeq::unpad_token_groups", _unpad_impl, mutates_args=())
+
+
 @_unpad_op.register_fake
 def _(padded, counts, dest_rows, source_rows, alignment, num_rows):
     return padded.new_empty((num_rows, padded.shape[1]))
 
 
-@torch.library.custom_op("moeq::permute_and_pad", mutates_args=())
-def _permute_op(
+def _permute_impl(
     x: Tensor, expert_indices: Tensor, num_experts: int, alignment: int, num_out_rows: int
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if _use_triton(x):
@@ -208,6 +212,9 @@ def _permute_op(
         return tuple(out)
     torch._assert_async(((expert_indices >= 0) & (expert_indices < num_experts)).all(), _INDICES_MSG)
     return _k.permute_and_pad_reference(x, expert_indices, num_experts, alignment, num_out_rows)
+
+
+_permute_op = torch.library.custom_op("moeq::permute_and_pad", _permute_impl, mutates_args=())
 
 
 @_permute_op.register_fake
@@ -224,11 +231,40 @@ def _(x, expert_indices, num_experts, alignment, num_out_rows):
     )
 
 
-@torch.library.custom_op("moeq::combine_token_groups", mutates_args=())
-def _combine_op(y: Tensor, dest_rows: Tensor, source_rows: Tensor, weights: Optional[Tensor], top_k: int) -> Tensor:
+def _combine_impl(y: Tensor, dest_rows: Tensor, source_rows: Tensor, weights: Optional[Tensor], top_k: int) -> Tensor:
     if _use_triton(y):
         return _k.combine_triton(y, dest_rows, weights, top_k)
     return _k.combine_reference(y, dest_rows, weights, top_k)
+
+
+_combine_op = torch.library.custom_op("moeq::combine_token_groups", _combine_impl, mutates_args=())
+
+
+def _route_impl(
+    expert_indices: Tensor, num_experts: int, alignment: int, num_out_rows: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if expert_indices.device.type == "cuda" and _k.HAS_TRITON:
+        *out, ok = _k.route_triton(expert_indices, num_experts, alignment, num_out_rows)
+        torch._assert_async(ok, _INDICES_MSG)
+        return tuple(out)
+    torch._assert_async(((expert_indices >= 0) & (expert_indices < num_experts)).all(), _INDICES_MSG)
+    return _k.route_reference(expert_indices, num_experts, alignment, num_out_rows)
+
+
+_route_op = torch.library.custom_op("moeq::route_tokens", _route_impl, mutates_args=())
+
+
+@_route_op.register_fake
+def _(expert_indices, num_experts, alignment, num_out_rows):
+    n = expert_indices.shape[0] * expert_indices.shape[1]
+    i32 = dict(dtype=torch.int32)
+    return (
+        expert_indices.new_empty((num_experts,), dtype=torch.int64),
+        expert_indices.new_empty((num_experts,), **i32),
+        expert_indices.new_empty((num_experts,), **i32),
+        expert_indices.new_empty((n,), **i32),
+        expert_indices.new_empty((num_out_rows,), **i32),
+    )
 
 
 @_combine_op.register_fake
@@ -324,6 +360,7 @@ def _combine_backward(ctx, grad_out):
 _combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
 
 
+
 # ----------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------
@@ -405,6 +442,36 @@ def unpad_token_groups(padded_y: Tensor, layout: PaddedLayout) -> Tensor:
     )
 
 
+def _check_routing(expert_indices: Tensor, num_experts: int) -> None:
+    if not isinstance(expert_indices, Tensor) or expert_indices.dim() != 2:
+        raise ValueError("expert_indices must be a (T, k) integer tensor of each token's experts")
+    if not _is_int_dtype(expert_indices.dtype):
+        raise TypeError(f"expert_indices must have an integer dtype, got {expert_indices.dtype}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+
+
+def route_tokens(expert_indices: Tensor, num_experts: int, alignment: Optional[int]) -> PaddedLayout:
+    """The :class:`PaddedLayout` that :func:`permute_and_pad` would build, without moving rows.
+
+    For kernels that gather tokens into the padded layout themselves (e.g. fused with
+    quantization: ``moeq.quant.mxfp8_hopper.mxfp8_routed_swiglu_experts``).
+
+    Args:
+        expert_indices: (T, k) integer routing, entries in [0, num_experts).
+        num_experts: E. alignment: a power of two, or None/1.
+    Returns:
+        the layout, every tensor on expert_indices' device (no host sync); its padded
+        buffer has ``padded_rows(T*k, E, alignment)`` rows. Not differentiable (indices only).
+    """
+    a = _alignment(alignment)
+    _check_routing(expert_indices, num_experts)
+    T, k = expert_indices.shape
+    rows = padded_rows(T * k, num_experts, a)
+    counts, offs, starts, dest_rows, source_rows = _route_op(expert_indices, num_experts, a, rows)
+    return PaddedLayout(offs, starts, counts, dest_rows, source_rows, T * k, a, k)
+
+
 def permute_and_pad(
     x: Tensor, expert_indices: Tensor, num_experts: int, alignment: Optional[int]
 ) -> Tuple[Tensor, Tensor, PaddedLayout]:
@@ -427,16 +494,11 @@ def permute_and_pad(
     """
     a = _alignment(alignment)
     _check_rows(x, "x")
-    if not isinstance(expert_indices, Tensor) or expert_indices.dim() != 2:
-        raise ValueError("expert_indices must be a (T, k) integer tensor of each token's experts")
-    if not _is_int_dtype(expert_indices.dtype):
-        raise TypeError(f"expert_indices must have an integer dtype, got {expert_indices.dtype}")
+    _check_routing(expert_indices, num_experts)
     if expert_indices.shape[0] != x.shape[0]:
         raise ValueError(f"expert_indices has {expert_indices.shape[0]} rows but x has {x.shape[0]} tokens")
     if expert_indices.device != x.device:
         raise ValueError(f"expert_indices is on {expert_indices.device} but x is on {x.device}")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     T, k = expert_indices.shape
     rows = padded_rows(T * k, num_experts, a)
     padded, counts, offs, starts, dest_rows, source_rows = _permute_op(x, expert_indices, num_experts, a, rows)

@@ -96,6 +96,21 @@ dr = K.swiglu_backward_fake_quant_reference(dh, gu, offs)
 out["swiglu_bwd_rows"], out["swiglu_bwd_cols"] = _same_bits(d[0], dr[0]), _same_bits(d[1], dr[1])
 out["swiglu_slack_zero"] = bool((h[0][90:] == 0).all() and (d[1][90:] == 0).all())
 
+# permute-and-pad fused with fake-quant: == fake-quant of the padded rows
+from moeq.kernels import padding as KP
+ids = torch.stack([torch.randperm(5)[:2] for _ in range(37)])
+ids[:9] = torch.tensor([0, 3])  # a crowded expert; expert 4 may get few or none
+toks = spread((37, 64))
+prow = 37 * 2 + 5 * 31 + 31
+prow = (prow + 31) // 32 * 32
+counts_r, offs_r, _, dest_r, src_r = KP.route_reference(ids, 5, 32, prow)
+pr, pc = K.mxfp8_permute_fake_quant(toks, src_r, 2, offs_r)
+qr, qc = K.permute_fake_quant_reference(toks, src_r, 2, offs_r)
+padded_r = KP.pad_rows_reference(toks, counts_r, 32, prow, src_r, 2)
+fr, fc = K.fake_quant_2d_reference(padded_r, offs_r)
+out["permute_fq_rows"] = _same_bits(pr, qr) and _same_bits(qr, fr)
+out["permute_fq_cols"] = _same_bits(pc, qc) and _same_bits(qc, fc)
+
 # zero_slack_rows_
 o = torch.randn(100, 80).to(torch.bfloat16)
 ref = K.zero_slack_rows_reference(o, offs)
@@ -124,6 +139,10 @@ yc = compiled(*p)
 yc.backward(gy)
 for name, a, b in zip(("y", "dx", "dw1", "dw2"), [yc.detach()] + [t.grad for t in p], tri):
     out["compiled_" + name] = _same_bits(a, b)
+# the routed block (gather fused into the fake-quant) == permute_and_pad -> experts -> combine
+from tests.test_mxfp8_hopper import routed_pair
+for name, ok in routed_pair(seed=1).items():
+    out["routed_" + name] = ok
 Q._ops = lambda device: (Q._ref_2d, Q._ref_weight, Q._ref_swiglu, Q._ref_swiglu_bwd, Q._ref_zero_slack)
 ref = run()
 for name, a, b in zip(("y", "dx", "dw1", "dw2"), tri, ref):
@@ -150,11 +169,80 @@ def interpreter_results():
         "2d_offs_rows", "2d_offs_cols", "2d_slack_zero", "2d_one_copy", "2d_fp32_rows", "2d_fp32_cols",
         "weight_k", "weight_n", "swiglu_rows", "swiglu_cols", "swiglu_bwd_rows", "swiglu_bwd_cols",
         "swiglu_slack_zero", "zero_slack", "function_y", "function_dx", "function_dw1", "function_dw2",
-        "compiled_y", "compiled_dx", "compiled_dw1", "compiled_dw2",
+        "compiled_y", "compiled_dx", "compiled_dw1", "compiled_dw2", "permute_fq_rows", "permute_fq_cols",
+        "routed_y", "routed_dtokens", "routed_dweights", "routed_dw1", "routed_dw2",
     ],
 )
 def test_triton_kernels_match_references_bitwise(interpreter_results, check):
     assert interpreter_results[check] is True, f"{check}: Triton (interpreter) differs from its reference"
+
+
+def routed_pair(
+    seed: int, T: int = 45, E: int = 5, k: int = 2, D: int = 64, H: int = 96, device="cpu", compiled=False,
+    sync_free=False,
+) -> dict:
+    """mxfp8_routed_swiglu_experts (eager, and compiled fullgraph if ``compiled``) vs
+    permute_and_pad -> mxfp8_swiglu_experts -> combine: {output / gradient name: bitwise
+    equal}. Uneven routing, one expert without tokens. ``sync_free``: the eager runs under
+    ``torch.cuda.set_sync_debug_mode("error")``."""
+    from moeq.padding import combine_token_groups, permute_and_pad
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(T)])  # expert E-1: none
+    ids[: T // 3, 0] = 0
+    toks = torch.randn(T, D, generator=g).to(torch.bfloat16)
+    wts = torch.rand(T, k, generator=g)
+    w1 = (torch.randn(E, 2 * H, D, generator=g) * 0.1).to(torch.bfloat16)
+    w2 = (torch.randn(E, D, H, generator=g) * 0.1).to(torch.bfloat16)
+    gout = torch.randn(T, D, generator=g).to(torch.bfloat16)
+    ids, toks, wts, w1, w2, gout = (t.to(device) for t in (ids, toks, wts, w1, w2, gout))
+
+    def unfused(t, w, a, b):
+        padded, counts, layout = permute_and_pad(t, ids, E, ALIGN)
+        y = mxfp8_swiglu_experts(padded, a, b, layout.padded_offsets)
+        return combine_token_groups(y, layout, w)
+
+    def routed(t, w, a, b):
+        return Q.mxfp8_routed_swiglu_experts(t, ids, w, a, b)
+
+    fns = [unfused, routed] + ([torch.compile(routed, fullgraph=True, backend="aot_eager")] if compiled else [])
+    results = []
+    for fn in fns:
+        p = [x.clone().requires_grad_() for x in (toks, wts, w1, w2)]
+        if sync_free:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = fn(*p)
+            y.backward(gout)
+        finally:
+            if sync_free:
+                torch.cuda.set_sync_debug_mode(0)
+        results.append([y.detach()] + [x.grad for x in p])
+    names = ("y", "dtokens", "dweights", "dw1", "dw2")
+    out = {n: _same_bits(a, b) and bool(torch.isfinite(a).all()) for n, a, b in zip(names, results[0], results[1])}
+    if compiled:
+        out.update({"compiled_" + n: _same_bits(a, b) for n, a, b in zip(names, results[1], results[2])})
+    return out
+
+
+_ROUTED = ("y", "dtokens", "dweights", "dw1", "dw2")
+
+
+def test_routed_block_equals_permute_then_experts_then_combine():
+    assert routed_pair(seed=0, compiled=True) == {n: True for n in _ROUTED + tuple("compiled_" + n for n in _ROUTED)}
+
+
+def test_routed_block_bad_inputs():
+    toks = torch.randn(4, 64).to(torch.bfloat16)
+    ids = torch.zeros(4, 1, dtype=torch.int64)
+    w = torch.ones(4, 1)
+    w1, w2 = torch.zeros(2, 64, 64, dtype=torch.bfloat16), torch.zeros(2, 64, 32, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16 tokens"):
+        Q.mxfp8_routed_swiglu_experts(toks.float(), ids, w, w1, w2)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        Q.mxfp8_routed_swiglu_experts(toks, ids, w, w1, w2[:, :32])
+    with pytest.raises(ValueError, match="expert_indices"):
+        Q.mxfp8_routed_swiglu_experts(toks, ids.view(-1), w, w1, w2)
 
 
 # --------------------------------------------------------------------------------------
@@ -354,3 +442,11 @@ def test_gpu_function_sync_free_and_compiles(monkeypatch):
     ref = _fwd_bwd(lambda a, b, c: mxfp8_swiglu_experts(a, b, c, offs), x, w1, w2, gy)
     for a, b in zip(out, ref):
         assert _rel(a, b) < 1e-3
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_routed_block_bitwise_sync_free_and_compiles():
+    eager = routed_pair(seed=2, T=300, E=8, k=4, D=256, H=128, device="cuda", sync_free=True)
+    assert eager == {n: True for n in _ROUTED}
+    assert all(routed_pair(seed=3, T=100, E=8, k=2, D=128, H=64, device="cuda", compiled=True).values())

@@ -435,6 +435,7 @@ def test_custom_ops_pass_opcheck():
     ids = torch.tensor([[0, 2], [2, 1], [0, 1]])
     prow = padded_rows(6, 3, a)
     torch.library.opcheck(torch.ops.moeq.permute_and_pad.default, (x[:3], ids, 3, a, prow))
+    torch.library.opcheck(torch.ops.moeq.route_tokens.default, (ids, 3, a, prow))
     _, _, lay = permute_and_pad(x[:3].detach(), ids, 3, a)
     w = torch.rand(3, 2, generator=gen).requires_grad_()
     torch.library.opcheck(
@@ -495,6 +496,18 @@ def _twin_checks(alignment, counts, ids, E, D, dtype, seed):
         bad_ids = ids_t.clone()
         bad_ids[0, 0] = E
         assert kp.permute_and_pad_triton(xt, bad_ids, E, a, prow)[6].tolist() == [0]
+    # route only: the histogram prefix summed in-kernel and by torch.cumsum agree
+    route_ref = kp.route_reference(ids_t, E, a, prow)
+    saved = kp._PREFIX_IN_KERNEL_MAX
+    for limit in (saved, 0):
+        kp._PREFIX_IN_KERNEL_MAX = limit
+        try:
+            got = kp.route_triton(ids_t, E, a, prow)
+        finally:
+            kp._PREFIX_IN_KERNEL_MAX = saved
+        for i in range(5):
+            assert torch.equal(got[i], route_ref[i]), (limit, i)
+        assert got[5].tolist() == [1]
     counts_p, dest, source = rr[1], rr[4], rr[5]
     yb = random_rows(prow, D, dtype, gen)
     assert same_bits(kp.unpad_triton(yb, counts_p, a, T * k, dest), kp.unpad_reference(yb, counts_p, a, T * k, dest))

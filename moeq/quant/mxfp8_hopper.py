@@ -31,6 +31,7 @@ CPU they are the plain-torch references, which the kernels match bitwise.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -93,9 +94,12 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class _MXFP8SwiGLUExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate_up_proj, down_proj, offs, need_grad: bool):
+    def forward(ctx, x, gate_up_proj, down_proj, offs, need_grad: bool, x_col):
         fq_2d, fq_weight, fq_swiglu, _, zero_slack_ = _ops(x.device)
-        x_row, x_col = fq_2d(x.contiguous(), offs, rows=True, cols=need_grad)
+        if x_col is None:
+            x_row, x_col = fq_2d(x.contiguous(), offs, rows=True, cols=need_grad)
+        else:  # x is already its row copy (mxfp8_routed_swiglu_experts's fused gather)
+            x_row = x
         w1_k, w1_n = fq_weight(gate_up_proj, along_k=True, along_n=need_grad)
         w2_k, w2_n = fq_weight(down_proj, along_k=True, along_n=need_grad)
         gate_up = _gmm(x_row, w1_k.transpose(-2, -1), offs)  # (M, 2H)
@@ -126,10 +130,19 @@ class _MXFP8SwiGLUExperts(torch.autograd.Function):
                 grad_w1 = _cast(_gmm(g_col.t(), x_col, offs), ctx.dtypes[1])  # (E, 2H, D)
             if need_x:
                 grad_x = _cast(zero_slack_(_gmm(g_row, w1_n, offs), offs), ctx.dtypes[0])  # (M, D)
-        return grad_x, grad_w1, grad_w2, None, None
+        return grad_x, grad_w1, grad_w2, None, None, None
 
 
 def _check_inputs(x, gate_up_proj, down_proj, offs) -> None:
+    _check_shapes(x, gate_up_proj, down_proj)
+    e = gate_up_proj.shape[0]
+    if offs.dtype != torch.int32 or tuple(offs.shape) != (e,):
+        raise ValueError(f"offs must be ({e},) int32 cumulative group ends, got {offs.dtype} {tuple(offs.shape)}")
+    if offs.device != x.device:
+        raise ValueError("x, gate_up_proj, down_proj and offs must be on one device")
+
+
+def _check_shapes(x, gate_up_proj, down_proj) -> None:
     for name, t in (("x", x), ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
         if t.dtype not in (torch.bfloat16, torch.float32):
             raise TypeError(f"mxfp8_swiglu_experts needs bfloat16/float32 {name}, got {t.dtype}")
@@ -151,9 +164,7 @@ def _check_inputs(x, gate_up_proj, down_proj, offs) -> None:
             raise ValueError(
                 f"MXFP8 needs the {name} ({size}) to be a multiple of the MX block size {MX_BLOCK_SIZE}: pad it"
             )
-    if offs.dtype != torch.int32 or tuple(offs.shape) != (e,):
-        raise ValueError(f"offs must be ({e},) int32 cumulative group ends, got {offs.dtype} {tuple(offs.shape)}")
-    if offs.device != x.device or gate_up_proj.device != x.device or down_proj.device != x.device:
+    if gate_up_proj.device != x.device or down_proj.device != x.device:
         raise ValueError("x, gate_up_proj, down_proj and offs must be on one device")
 
 
@@ -176,6 +187,7 @@ def mxfp8_swiglu_experts(
     offs: torch.Tensor,
     *,
     check_offsets: bool = True,
+    x_col: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Routed SwiGLU experts with MXFP8 forward and backward GEMMs (Hopper-friendly).
 
@@ -191,6 +203,10 @@ def mxfp8_swiglu_experts(
         down_proj: (E, D, H).
         offs: (E,) int32 cumulative group end offsets on x's device.
         check_offsets: validate ``offs`` on the device with ``torch._assert_async``.
+        x_col: optional (M, D) bf16 column copy of x (blocks of 32 rows per group). When
+            given, ``x`` must already be its row copy (both from
+            ``moeq.kernels.mxfp8_hopper.mxfp8_permute_fake_quant``) and is not quantized
+            again; the gradient w.r.t. ``x`` passes straight through, as for any operand.
     Returns:
         (M, D) in x.dtype; slack rows zero. Gradients come back in the inputs' dtypes.
     """
@@ -198,4 +214,71 @@ def mxfp8_swiglu_experts(
     if check_offsets:
         _assert_offsets(offs, x.shape[0])
     need_grad = torch.is_grad_enabled() and (x.requires_grad or gate_up_proj.requires_grad or down_proj.requires_grad)
-    return _MXFP8SwiGLUExperts.apply(x, gate_up_proj, down_proj, offs, need_grad)
+    if x_col is not None and (x_col.shape != x.shape or x_col.dtype != torch.bfloat16):
+        raise ValueError(f"x_col must be x's bf16 column copy of shape {tuple(x.shape)}, got {x_col.dtype} {tuple(x_col.shape)}")
+    return _MXFP8SwiGLUExperts.apply(x, gate_up_proj, down_proj, offs, need_grad, x_col)
+
+
+class _PermuteFakeQuant(torch.autograd.Function):
+    """Tokens -> the padded layout's row and column fake-quant copies, in one pass.
+
+    Backward: the row copy's gradient goes straight through the fake-quant to the padded
+    rows, then sums over each token's k copies (the gradient of permute-and-pad)."""
+
+    @staticmethod
+    def forward(ctx, tokens, source_rows, dest_rows, offs, top_k: int, need_col: bool):
+        if tokens.device.type == "cuda" or _INTERPRET:
+            x_row, x_col = _k.mxfp8_permute_fake_quant(tokens.contiguous(), source_rows, top_k, offs, cols=need_col)
+        else:
+            x_row, x_col = _k.permute_fake_quant_reference(tokens, source_rows, top_k, offs)
+            x_col = x_col if need_col else None
+        ctx.save_for_backward(dest_rows, source_rows)
+        ctx.top_k = top_k
+        if x_col is None:
+            return x_row, None
+        ctx.mark_non_differentiable(x_col)
+        return x_row, x_col
+
+    @staticmethod
+    def backward(ctx, grad_row, _grad_col):
+        dest_rows, source_rows = ctx.saved_tensors
+        grad_tokens = torch.ops.moeq.combine_token_groups(grad_row.contiguous(), dest_rows, source_rows, None, ctx.top_k)
+        return grad_tokens, None, None, None, None, None
+
+
+def mxfp8_routed_swiglu_experts(
+    tokens: torch.Tensor,
+    expert_indices: torch.Tensor,
+    expert_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    """A whole routed MoE experts block in MXFP8: permute-and-pad, experts, weighted combine.
+
+    Same result as ``permute_and_pad`` (alignment ``GROUP_ALIGNMENT[MXFP8]``) ->
+    :func:`mxfp8_swiglu_experts` -> ``combine_token_groups``, bitwise, but the padded bf16
+    tokens are never written: one kernel gathers each padded row from ``tokens`` and
+    writes its two fake-quant copies (the forward GEMM's and the weight gradient's).
+
+    Args:
+        tokens: (T, D) bf16/fp32. expert_indices: (T, k) integer expert ids in [0, E).
+        expert_weights: (T, k) routing scores.
+        gate_up_proj: (E, 2H, D). down_proj: (E, D, H).
+    Returns:
+        (T, D) in tokens.dtype. Differentiable w.r.t. tokens, expert_weights and weights.
+    """
+    from moeq.padding import combine_token_groups, route_tokens
+
+    if tokens.dtype != torch.bfloat16:
+        raise TypeError(
+            f"mxfp8_routed_swiglu_experts needs bfloat16 tokens, got {tokens.dtype}: use permute_and_pad + "
+            f"mxfp8_swiglu_experts for other dtypes"
+        )
+    _check_shapes(tokens, gate_up_proj, down_proj)
+    layout = route_tokens(expert_indices, gate_up_proj.shape[0], _ALIGN)
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (tokens, gate_up_proj, down_proj))
+    x_row, x_col = _PermuteFakeQuant.apply(
+        tokens, layout.source_rows, layout.dest_rows, layout.padded_offsets, layout.top_k, need_grad
+    )
+    y = mxfp8_swiglu_experts(x_row, gate_up_proj, down_proj, layout.padded_offsets, check_offsets=False, x_col=x_col)
+    return combine_token_groups(_cast(y, tokens.dtype), layout, expert_weights)
