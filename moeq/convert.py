@@ -19,6 +19,7 @@ from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, get_kernel, kernel_n
 from moeq.quant.grouped_mm import quantized_grouped_mm
 from moeq.quant.groups import row_group_ids
 from moeq.recipes import QuantizationType, RecipeLike, group_alignment, parse_recipe
+from moeq.weight_cache import module_weight_cache
 
 FilterLike = Union[None, Sequence[str], Callable[[str, nn.Module], bool]]
 
@@ -63,12 +64,21 @@ def fused_experts_kernel(qtype: QuantizationType, kernel: str, device: torch.dev
     return mxfp8_swiglu_experts
 
 
-def _swiglu_experts_quantized(x, gate_up_proj, down_proj, offs, qtype, kernel):
+def _swiglu_experts_quantized(x, gate_up_proj, down_proj, offs, qtype, kernel, *, weight_cache=None):
     """SwiGLU experts through the recipe's GEMMs on an already aligned layout.
 
-    ``kernel`` is the user's choice ("auto", "triton", or a per-GEMM kernel name)."""
+    ``kernel`` is the user's choice ("auto", "triton", or a per-GEMM kernel name).
+    ``weight_cache``: the module's ``moeq.weight_cache.ExpertWeightCache`` (inside
+    ``moeq.quantized_weight_cache``, eager only); the fused path takes its weights' quantized
+    copies from it, the per-GEMM kernels ignore it."""
     fused = fused_experts_kernel(qtype, kernel, x.device)
     if fused is not None:
+        if weight_cache is not None:
+            need_dgrad = torch.is_grad_enabled() and (
+                x.requires_grad or gate_up_proj.requires_grad or down_proj.requires_grad
+            )
+            qw = weight_cache.lookup(qtype, gate_up_proj, down_proj, need_dgrad)
+            return fused(x, gate_up_proj, down_proj, offs, quantized_weights=qw)
         return fused(x, gate_up_proj, down_proj, offs)
     kernel = resolve_kernel(qtype, kernel, x.device)
     h = swiglu(quantized_grouped_mm(x, gate_up_proj, offs, qtype=qtype, kernel=kernel))
@@ -85,13 +95,14 @@ class QuantizedGroupedExperts(ConvertedExperts, GroupedExperts):
             return super().forward(x, num_tokens_per_expert, group_alignment=group_alignment)
         w13, w2 = _local(self.gate_up_proj), _local(self.down_proj)
         kernel = self.moeq_kernel
+        cache = module_weight_cache(self)
         if needs_padding(qtype, group_alignment):
             align = self.group_alignment
             padded, layout = _padding.pad_token_groups(x, num_tokens_per_expert, align)
-            y = _swiglu_experts_quantized(padded, w13, w2, layout.padded_offsets, qtype, kernel)
+            y = _swiglu_experts_quantized(padded, w13, w2, layout.padded_offsets, qtype, kernel, weight_cache=cache)
             return _padding.unpad_token_groups(y, layout)
         offs = group_end_offsets(num_tokens_per_expert, group_alignment)
-        return _swiglu_experts_quantized(x, w13, w2, offs, qtype, kernel)
+        return _swiglu_experts_quantized(x, w13, w2, offs, qtype, kernel, weight_cache=cache)
 
 
 def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -120,7 +131,10 @@ def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
         if qtype is QuantizationType.BF16:
             out = swiglu_experts(grouped, w13, w2, counts)
         else:
-            out = _swiglu_experts_quantized(grouped, w13, w2, group_end_offsets(counts, align), qtype, self.moeq_kernel)
+            out = _swiglu_experts_quantized(
+                grouped, w13, w2, group_end_offsets(counts, align), qtype, self.moeq_kernel,
+                weight_cache=module_weight_cache(self),
+            )
         out = _padding.combine_token_groups(out, layout, top_k_weights)
         return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
     # Other activations, biases or layouts: per-GEMM kernels, not the fused SwiGLU.
