@@ -4,6 +4,8 @@ Same run, same inputs, three model shapes. For every variant: relative error of 
 output and of the gradients of x and of both weights against a float64 reference (fresh
 random data), then the median fwd+bwd time (triton.testing.do_bench). MXFP8 variants are
 also compared against torchao's emulated MXFP8 (same numerics up to accumulation order).
+The "(weights cached)" variants time a micro-batch under ``moeq.quantized_weight_cache``
+(checked bitwise equal to uncached first) and report the mean over a 4-micro-batch step.
 
     python benchmarks/experts.py [--shapes qwen3_30b_a3b ...] [--variants ...] [--out DIR]
 
@@ -13,6 +15,7 @@ benchmarks/results) and prints the markdown table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -86,18 +89,80 @@ def make_moeq(recipe, kernel="auto"):
 
     experts = None
 
-    def fn(x, w13, w2, offs, counts):
+    def build(w13, w2):
         nonlocal experts
         if experts is None:  # built on first call, sharing the benchmark's parameters
             experts = moeq.GroupedExperts(1, 1, 0, device="meta")
             experts.gate_up_proj, experts.down_proj = w13, w2
             experts.dim, experts.hidden_dim, experts.num_experts = w2.shape[1], w2.shape[2], w13.shape[0]
             experts = convert_model(experts, recipe, kernel=kernel)
+        return experts
+
+    def fn(x, w13, w2, offs, counts):
+        module = build(w13, w2)
         # The alignment moeq.MoE's permute-and-pad would produce for this recipe
         # (None for bf16: packed groups, nothing to mask).
-        return experts(x, counts, group_alignment=experts.group_alignment)
+        return module(x, counts, group_alignment=module.group_alignment)
 
+    fn.build = build
     return fn
+
+
+def make_moeq_cached(recipe):
+    """moeq's experts inside ``moeq.quantized_weight_cache``: the cost of the 2nd..Nth
+    micro-batch of a gradient-accumulation step (the expert weights' quantized copies come
+    from the cache). ``fn.uncached`` is the same module outside the cache; ``fn.close()``
+    leaves the cache (call it before timing ``fn.uncached``)."""
+    import moeq
+
+    base = make_moeq(recipe)
+    state = {}
+
+    def fn(x, w13, w2, offs, counts):
+        module = base.build(w13, w2)
+        if "stack" not in state:
+            state["stack"] = contextlib.ExitStack()
+            state["caches"] = state["stack"].enter_context(moeq.quantized_weight_cache(module))
+        return base(x, w13, w2, offs, counts)
+
+    def close():
+        if "stack" in state:
+            state.pop("stack").close()
+
+    def uncached(*a):
+        if "stack" in state:
+            raise RuntimeError("close the weight cache before running the uncached variant")
+        return base(*a)
+
+    fn.uncached, fn.close = uncached, close
+    fn.quantize_count = lambda: sum(c.quantize_count for c in state["caches"].values())
+    return fn
+
+
+def check_cached_bitwise(fn, x, w13, w2, offs, counts, gy, dev):
+    """Cached vs uncached fwd+bwd, bitwise (y, dx, dW13, dW2), over two cached micro-batches;
+    leaves ``fn``'s cache filled. Raises AssertionError on any difference, and on CUDA when
+    the cache was not used (no fused Hopper path: the timing would mean nothing)."""
+    def run(f):
+        for t in (x, w13, w2):
+            t.grad = None
+        y = f(x, w13, w2, offs, counts)
+        y.backward(gy)
+        _sync(dev)
+        return [y.detach().clone(), x.grad.clone(), w13.grad.clone(), w2.grad.clone()]
+
+    want = run(fn.uncached)
+    for micro_batch in (1, 2):
+        got = run(fn)
+        for name, a, b in zip(("y", "dx", "dW13", "dW2"), got, want):
+            bad = int((a.view(torch.int16) != b.view(torch.int16)).sum()) if a.dtype == torch.bfloat16 else int((a != b).sum())
+            assert bad == 0, f"weights cached: micro-batch {micro_batch} {name} differs from uncached in {bad} elements"
+    used = fn.quantize_count()
+    if dev == "cuda" and used != 1:
+        raise AssertionError(f"the weight cache quantized {used} times in 2 micro-batches (want 1): fused path not taken?")
+    for t in (x, w13, w2):
+        t.grad = None
+    return {"bitwise_vs_uncached": True, "cache_used": used == 1}
 
 
 def make_torchao(kind):
@@ -133,7 +198,12 @@ VARIANTS = {
     "moeq fp8 per-GEMM (kernel=torch)": lambda: make_moeq("fp8", "torch"),
     "torchao mxfp8 emulated": lambda: make_torchao("mxfp8"),
     "moeq mxfp8": lambda: make_moeq("mxfp8"),
+    # Per micro-batch with the expert weights' quantized copies cached (2nd..Nth micro-batch
+    # of a step), plus the average over 4 micro-batches: NOT a per-step time (see markdown()).
+    "moeq fp8 (weights cached)": lambda: make_moeq_cached("fp8"),
+    "moeq mxfp8 (weights cached)": lambda: make_moeq_cached("mxfp8"),
 }
+AMORTIZE_OVER = 4  # micro-batches: the first quantizes the weights, the others reuse them
 BASELINE = "bf16 grouped_mm (3 GEMMs)"
 
 
@@ -175,8 +245,11 @@ def run_shape(name, shape, variants, seed, log, dev="cuda"):
     rows, emulated_mx = [], None
     for vname in variants:
         row = {"shape": name, "E": E, "D": D, "H": H, "M": M, "variant": vname}
+        fn = None
         try:
             fn = VARIANTS[vname]()
+            if hasattr(fn, "uncached"):
+                row.update(check_cached_bitwise(fn, x, w13, w2, offs, counts, gy, dev))
             for t in (x, w13, w2):
                 t.grad = None
             y = fn(x, w13, w2, offs, counts)
@@ -201,9 +274,21 @@ def run_shape(name, shape, variants, seed, log, dev="cuda"):
 
             row["ms"] = _bench(step, dev, 25, 150)
             row["ms_repeat"] = _bench(step, dev, 5, 100)
+            if hasattr(fn, "uncached"):  # the first micro-batch of a step, same run, same inputs
+                fn.close()
+
+                def step_uncached():
+                    x.grad = w13.grad = w2.grad = None
+                    fn.uncached(x, w13, w2, offs, counts).backward(gy)
+
+                row["ms_uncached"] = _bench(step_uncached, dev, 25, 150)
+                row["ms_amortized"] = (row["ms_uncached"] + (AMORTIZE_OVER - 1) * row["ms"]) / AMORTIZE_OVER
         except Exception as e:  # a variant that cannot run is reported, not hidden
             row["error"] = f"{type(e).__name__}: {str(e)[:240]}"
             log.write(traceback.format_exc())
+        finally:
+            if fn is not None and hasattr(fn, "close"):
+                fn.close()  # frees the cached weight copies
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         if dev == "cuda":
@@ -215,6 +300,8 @@ def run_shape(name, shape, variants, seed, log, dev="cuda"):
             r["speed_vs_bf16_3gemm"] = base / r["ms"]
         if "ms" in r and best_bf16:
             r["speed_vs_best_bf16"] = best_bf16 / r["ms"]
+        if "ms_amortized" in r and best_bf16:
+            r["speed_amortized_vs_best_bf16"] = best_bf16 / r["ms_amortized"]
         r["tflops"] = 3 * 2 * M * D * H * 3 / r["ms"] / 1e9 if "ms" in r else None
     return rows
 
@@ -225,19 +312,36 @@ def markdown(rows, device):
         "Median of triton.testing.do_bench (ms) of one step (grads set to None first, as zero_grad does); "
         "rel. errors vs float64 (y, dx, dW13, dW2); token groups are multiples of 32 (no padding needed).",
         "",
-        "| shape | variant | ms | speed vs BF16 (3 GEMMs) | speed vs best BF16 | err y | err dx | err dW13 | err dW2 | vs torchao emulated (y) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "\"(weights cached)\" rows are NOT per-step times: their ms is one fwd+bwd micro-batch whose expert "
+        "weights' quantized copies come from moeq.quantized_weight_cache (the 2nd..Nth micro-batch of a "
+        f"gradient-accumulation step; checked bitwise equal to uncached first), and \"amortized / {AMORTIZE_OVER} "
+        f"micro-batches\" is (uncached + {AMORTIZE_OVER - 1} x cached) / {AMORTIZE_OVER}, the mean micro-batch time "
+        f"of a {AMORTIZE_OVER}-micro-batch step (uncached measured in the same run). Without gradient accumulation "
+        "(or activation recomputation) the per-step time is the uncached row's.",
+        "",
+        f"| shape | variant | ms | speed vs BF16 (3 GEMMs) | speed vs best BF16 | err y | err dx | err dW13 | err dW2 "
+        f"| vs torchao emulated (y) | amortized / {AMORTIZE_OVER} micro-batches (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     f = lambda v, p=4: "" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
     x = lambda v: "" if v is None else f"{v:.2f}x"
+
+    def amortized(r):
+        if "ms_amortized" not in r:
+            return ""
+        speed = r.get("speed_amortized_vs_best_bf16")
+        return f"{r['ms_amortized']:.2f}" + (f" ({speed:.2f}x best BF16)" if speed else "")
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['shape']} | {r['variant']} | failed: {r['error'][:120]} | | | | | | | |")
+            out.append(f"| {r['shape']} | {r['variant']} | failed: {r['error'][:120]} | | | | | | | | |")
             continue
+        variant = r["variant"].replace("|", "&#124;")
+        if "ms_amortized" in r:
+            variant += " [per micro-batch 2..N]" + ("" if r.get("cache_used") else " (cache unused: no fused path here)")
         out.append(
-            f"| {r['shape']} | {r['variant'].replace('|', '&#124;')} | {f(r['ms'], 2)} | {x(r.get('speed_vs_bf16_3gemm'))} | "
+            f"| {r['shape']} | {variant} | {f(r['ms'], 2)} | {x(r.get('speed_vs_bf16_3gemm'))} | "
             f"{x(r.get('speed_vs_best_bf16'))} | {f(r['err_y'])} | {f(r['err_dx'])} | {f(r['err_dw13'])} | "
-            f"{f(r['err_dw2'])} | {f(r.get('err_vs_torchao_emulated_y'))} |"
+            f"{f(r['err_dw2'])} | {f(r.get('err_vs_torchao_emulated_y'))} | {amortized(r)} |"
         )
     return "\n".join(out) + "\n"
 

@@ -2,6 +2,8 @@
 
     import moeq
     model = moeq.convert_model(model, recipe="mxfp8")   # or "fp8", "bf16"
+    with moeq.quantized_weight_cache(model):            # gradient accumulation: quantize
+        ...                                             # expert weights once per step
 """
 from moeq.experts import COMPUTE_BACKENDS, GroupedExperts, swiglu_experts
 from moeq.moe import MoE
@@ -15,6 +17,7 @@ from moeq.padding import (
 )
 from moeq.recipes import GROUP_ALIGNMENT, RECIPE_NAMES, QuantizationType, group_alignment, parse_recipe
 from moeq.router import TopKRouter, fp32_linear
+from moeq.weight_cache import quantized_weight_cache
 
 
 def __getattr__(name):
@@ -53,6 +56,7 @@ __all__ = [
     "parse_recipe",
     "permute_and_pad",
     "quantized_grouped_mm",
+    "quantized_weight_cache",
     "swiglu_experts",
     "unpad_token_groups",
 ]

@@ -19,6 +19,7 @@ from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, get_kernel, kernel_n
 from moeq.quant.grouped_mm import quantized_grouped_mm
 from moeq.quant.groups import row_group_ids
 from moeq.recipes import QuantizationType, RecipeLike, group_alignment, parse_recipe
+from moeq.weight_cache import module_weight_cache
 
 FilterLike = Union[None, Sequence[str], Callable[[str, nn.Module], bool]]
 
@@ -63,25 +64,40 @@ def fused_experts_kernel(qtype: QuantizationType, kernel: str, device: torch.dev
     return mxfp8_swiglu_experts
 
 
-def _swiglu_experts_quantized(x, gate_up_proj, down_proj, offs, qtype, kernel):
+def _swiglu_experts_quantized(x, gate_up_proj, down_proj, offs, qtype, kernel, *, weight_cache=None):
     """SwiGLU experts through the recipe's GEMMs on an already aligned layout.
 
-    ``kernel`` is the user's choice ("auto", "triton", or a per-GEMM kernel name)."""
+    ``kernel`` is the user's choice ("auto", "triton", or a per-GEMM kernel name).
+    ``weight_cache``: the module's ``moeq.weight_cache.ExpertWeightCache`` (inside
+    ``moeq.quantized_weight_cache``, eager only); the fused path takes its weights' quantized
+    copies from it, the per-GEMM kernels ignore it."""
     fused = fused_experts_kernel(qtype, kernel, x.device)
     if fused is not None:
-        return fused(x, gate_up_proj, down_proj, offs)
+        qw = _cached_weights(weight_cache, qtype, x, gate_up_proj, down_proj)
+        return fused(x, gate_up_proj, down_proj, offs, quantized_weights=qw)
     kernel = resolve_kernel(qtype, kernel, x.device)
     h = swiglu(quantized_grouped_mm(x, gate_up_proj, offs, qtype=qtype, kernel=kernel))
     return quantized_grouped_mm(h, down_proj, offs, qtype=qtype, kernel=kernel)
 
 
-def routed_swiglu_experts(tokens, expert_indices, expert_weights, gate_up_proj, down_proj, qtype, kernel):
+def _cached_weights(weight_cache, qtype, x, gate_up_proj, down_proj):
+    """The fused path's quantized weights from the module's cache, or None (no cache)."""
+    if weight_cache is None:
+        return None
+    need_dgrad = torch.is_grad_enabled() and (x.requires_grad or gate_up_proj.requires_grad or down_proj.requires_grad)
+    return weight_cache.lookup(qtype, gate_up_proj, down_proj, need_dgrad)
+
+
+def routed_swiglu_experts(
+    tokens, expert_indices, expert_weights, gate_up_proj, down_proj, qtype, kernel, *, weight_cache=None
+):
     """A routed SwiGLU experts block (permute-and-pad, experts, weighted combine) in qtype.
 
     Args:
         tokens: (T, D). expert_indices: (T, k) ids in [0, E). expert_weights: (T, k).
         gate_up_proj: (E, 2H, D) local tensor. down_proj: (E, D, H) local tensor.
         qtype: the recipe. kernel: the user's kernel choice.
+        weight_cache: the module's ``ExpertWeightCache`` or None (see _swiglu_experts_quantized).
     Returns:
         (T, D) in tokens.dtype.
     Where a fused kernel can take the tokens straight from the routing (MXFP8 on SM90:
@@ -94,12 +110,16 @@ def routed_swiglu_experts(tokens, expert_indices, expert_weights, gate_up_proj, 
     if qtype is QuantizationType.MXFP8 and fused is not None and tokens.dtype == torch.bfloat16:
         from moeq.quant.mxfp8_hopper import mxfp8_routed_swiglu_experts
 
-        return mxfp8_routed_swiglu_experts(tokens, expert_indices, expert_weights, gate_up_proj, down_proj)
+        qw = _cached_weights(weight_cache, qtype, tokens, gate_up_proj, down_proj)
+        return mxfp8_routed_swiglu_experts(
+            tokens, expert_indices, expert_weights, gate_up_proj, down_proj, quantized_weights=qw
+        )
     grouped, counts, layout = _padding.permute_and_pad(tokens, expert_indices, num_experts, align)
     if qtype is QuantizationType.BF16:
         out = swiglu_experts(grouped, gate_up_proj, down_proj, counts)
     else:
-        out = _swiglu_experts_quantized(grouped, gate_up_proj, down_proj, group_end_offsets(counts, align), qtype, kernel)
+        offs = group_end_offsets(counts, align)
+        out = _swiglu_experts_quantized(grouped, gate_up_proj, down_proj, offs, qtype, kernel, weight_cache=weight_cache)
     out = _padding.combine_token_groups(out, layout, expert_weights)
     # Cast only on a real change: a no-op .to() on an autograd.Function output is
     # miscompiled by torch 2.11's torch.compile (zero gradients).
@@ -116,20 +136,24 @@ class QuantizedGroupedExperts(ConvertedExperts, GroupedExperts):
             return super().forward(x, num_tokens_per_expert, group_alignment=group_alignment)
         w13, w2 = _local(self.gate_up_proj), _local(self.down_proj)
         kernel = self.moeq_kernel
+        cache = module_weight_cache(self)
         if needs_padding(qtype, group_alignment):
             align = self.group_alignment
             padded, layout = _padding.pad_token_groups(x, num_tokens_per_expert, align)
-            y = _swiglu_experts_quantized(padded, w13, w2, layout.padded_offsets, qtype, kernel)
+            y = _swiglu_experts_quantized(padded, w13, w2, layout.padded_offsets, qtype, kernel, weight_cache=cache)
             return _padding.unpad_token_groups(y, layout)
         offs = group_end_offsets(num_tokens_per_expert, group_alignment)
-        return _swiglu_experts_quantized(x, w13, w2, offs, qtype, kernel)
+        return _swiglu_experts_quantized(x, w13, w2, offs, qtype, kernel, weight_cache=cache)
 
     def routed_forward(self, tokens, expert_indices, expert_weights):
         """Same contract as :meth:`GroupedExperts.routed_forward`, in ``moeq_recipe``."""
         if self.moeq_recipe is QuantizationType.BF16:
             return super().routed_forward(tokens, expert_indices, expert_weights)
         w13, w2 = _local(self.gate_up_proj), _local(self.down_proj)
-        return routed_swiglu_experts(tokens, expert_indices, expert_weights, w13, w2, self.moeq_recipe, self.moeq_kernel)
+        return routed_swiglu_experts(
+            tokens, expert_indices, expert_weights, w13, w2, self.moeq_recipe, self.moeq_kernel,
+            weight_cache=module_weight_cache(self),
+        )
 
 
 def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -154,7 +178,10 @@ def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
         # Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V3: exactly moeq's SwiGLU experts, so they
         # take the same (fused, on SM90) path as moeq.GroupedExperts.
         w13, w2 = _local(self.gate_up_proj), _local(self.down_proj)
-        return routed_swiglu_experts(hidden_states, top_k_index, top_k_weights, w13, w2, qtype, self.moeq_kernel)
+        return routed_swiglu_experts(
+            hidden_states, top_k_index, top_k_weights, w13, w2, qtype, self.moeq_kernel,
+            weight_cache=module_weight_cache(self),
+        )
     # Other activations, biases or layouts: per-GEMM kernels, not the fused SwiGLU.
     kernel_choice = KERNEL_AUTO if self.moeq_kernel == KERNEL_TRITON else self.moeq_kernel
     kernel = resolve_kernel(qtype, kernel_choice, hidden_states.device) if align else None

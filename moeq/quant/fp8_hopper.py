@@ -37,8 +37,16 @@ outputs it touches are NaN rather than silently finite.
 
 No host syncs; ``torch.compile(fullgraph=True)`` traces it (the Triton passes are custom
 ops under compile).
+
+Weight quantization once per optimizer step: ``quantize_fp8_expert_weights`` makes both
+FP8 copies of both weights with the same passes the Function runs; passing its result as
+``quantized_weights=`` skips those passes and gives bitwise the same results. Under
+gradient accumulation ``moeq.quantized_weight_cache`` (moeq/weight_cache.py) does this for
+converted models, with a check that the weights did not change.
 """
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -99,14 +107,53 @@ def _check_inputs(x, gate_up_proj, down_proj, offs) -> None:
             )
 
 
+class Fp8ExpertWeights(NamedTuple):
+    """Precomputed FP8 copies of both expert weights (see ``quantize_fp8_expert_weights``).
+
+    gate_up: Fp8Dual of gate_up_proj (E, 2H, D): row (E, 2H, D) e4m3 + row_inv (E, 2H)
+        scaled along D (forward); col (E, D, 2H) + col_inv (E, D) scaled along 2H (dgrad x),
+        empty when made with ``need_dgrad=False``.
+    down: Fp8Dual of down_proj (E, D, H): row scaled along H, col (E, H, D) along D.
+    """
+
+    gate_up: _k.Fp8Dual
+    down: _k.Fp8Dual
+
+    @property
+    def has_dgrad(self) -> bool:
+        return self.gate_up.col.numel() > 0 and self.down.col.numel() > 0
+
+
+def quantize_fp8_expert_weights(
+    gate_up_proj: torch.Tensor, down_proj: torch.Tensor, need_dgrad: bool = True
+) -> Fp8ExpertWeights:
+    """FP8 rowwise copies of both expert weights, exactly as ``fp8_swiglu_experts`` makes them.
+
+    Args:
+        gate_up_proj: (E, 2H, D) bfloat16/float32.
+        down_proj: (E, D, H) bfloat16/float32.
+        need_dgrad: also make the column (dgrad) copies, needed whenever x or a weight
+            requires grad.
+    Returns:
+        Fp8ExpertWeights of e4m3 data and float32 inverse scales (no autograd history).
+    """
+    with torch.no_grad():
+        return Fp8ExpertWeights(
+            _k.quantize_weight(gate_up_proj, colwise=need_dgrad), _k.quantize_weight(down_proj, colwise=need_dgrad)
+        )
+
+
 class _Fp8SwiGLUExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate_up_proj, down_proj, offs, need_x, need_gu, need_down):
+    def forward(ctx, x, gate_up_proj, down_proj, offs, need_x, need_gu, need_down, qweights=None):
         m = x.shape[0]
         need_h = need_x or need_gu  # grad of h feeds both of these
         x = x.contiguous()
-        wgu = _k.quantize_weight(gate_up_proj, colwise=need_x)
-        wd = _k.quantize_weight(down_proj, colwise=need_h)
+        if qweights is None:
+            wgu = _k.quantize_weight(gate_up_proj, colwise=need_x)
+            wd = _k.quantize_weight(down_proj, colwise=need_h)
+        else:  # precomputed by quantize_fp8_expert_weights: the same passes, run earlier
+            wgu, wd = qweights
         xq = _k.quantize_dual(x, offs, rowwise=True, colwise=need_gu)
         torch._assert_async(
             xq.offs_ok,
@@ -147,11 +194,34 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
                 # (2H, M) x (M, D) per group -> (E, 2H, D)
                 grad_gu = _mm(ggq.col, x_col.t(), ggq.col_inv.reshape(-1), x_col_inv.reshape(-1), offs)
                 grad_gu = grad_gu.to(ctx.weight_dtypes[0])
-        return grad_x, grad_gu, grad_down, None, None, None, None
+        return grad_x, grad_gu, grad_down, None, None, None, None, None
+
+
+def _check_quantized_weights(qw, gate_up_proj, down_proj, need_dgrad: bool) -> None:
+    if not isinstance(qw, Fp8ExpertWeights):
+        raise TypeError(
+            f"quantized_weights must be the Fp8ExpertWeights of quantize_fp8_expert_weights, got {type(qw).__name__}"
+        )
+    for name, q, w in (("gate_up_proj", qw.gate_up, gate_up_proj), ("down_proj", qw.down, down_proj)):
+        if tuple(q.row.shape) != tuple(w.shape) or q.row.device != w.device:
+            raise ValueError(
+                f"quantized_weights were made from a {name} of shape {tuple(q.row.shape)} on {q.row.device}, "
+                f"but {name} is {tuple(w.shape)} on {w.device}: quantize the weights passed here"
+            )
+    if need_dgrad and not qw.has_dgrad:
+        raise ValueError(
+            "quantized_weights lack the dgrad (column) copies but gradients are needed: "
+            "make them with quantize_fp8_expert_weights(..., need_dgrad=True)"
+        )
 
 
 def fp8_swiglu_experts(
-    x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offs: torch.Tensor
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    offs: torch.Tensor,
+    *,
+    quantized_weights: Optional[Fp8ExpertWeights] = None,
 ) -> torch.Tensor:
     """Routed SwiGLU experts with FP8 rowwise GEMMs (Hopper), differentiable.
 
@@ -162,6 +232,10 @@ def fp8_swiglu_experts(
         down_proj: (E, D, H) bfloat16/float32.
         offs: (E,) int32 cumulative group ends on x's device; every group starts at a
             multiple of ``GROUP_ALIGNMENT[FP8]``, ``offs[-1] <= M`` (checked on device).
+        quantized_weights: optional ``quantize_fp8_expert_weights(gate_up_proj, down_proj)``
+            of these very weights, reused instead of quantizing them again (results are
+            bitwise the same; weight gradients still come back for the bf16/fp32 weights).
+            The caller guarantees they are current: ``moeq.quantized_weight_cache`` checks it.
     Returns:
         y: (M, D) bfloat16; rows at or past ``offs[-1]`` are zero.
 
@@ -170,7 +244,11 @@ def fp8_swiglu_experts(
     """
     _check_inputs(x, gate_up_proj, down_proj, offs)
     grad = torch.is_grad_enabled()
+    need_x, need_gu, need_down = (
+        grad and x.requires_grad, grad and gate_up_proj.requires_grad, grad and down_proj.requires_grad
+    )
+    if quantized_weights is not None:
+        _check_quantized_weights(quantized_weights, gate_up_proj, down_proj, need_x or need_gu)
     return _Fp8SwiGLUExperts.apply(
-        x, gate_up_proj, down_proj, offs,
-        grad and x.requires_grad, grad and gate_up_proj.requires_grad, grad and down_proj.requires_grad,
+        x, gate_up_proj, down_proj, offs, need_x, need_gu, need_down, quantized_weights,
     )

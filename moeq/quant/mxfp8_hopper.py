@@ -27,11 +27,17 @@ input-gradient copies are saved for backward, not recomputed.
 
 On CUDA (and under ``TRITON_INTERPRET=1``) the fake-quant passes are the Triton kernels; on
 CPU they are the plain-torch references, which the kernels match bitwise.
+
+Weight quantization once per optimizer step: ``quantize_mxfp8_expert_weights`` makes both
+copies of both weights with the same pass the Function runs; passing its result as
+``quantized_weights=`` skips that pass and gives bitwise the same results. Under gradient
+accumulation ``moeq.quantized_weight_cache`` (moeq/weight_cache.py) does this for converted
+models, with a check that the weights did not change.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -92,16 +98,56 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+class MXFP8ExpertWeights(NamedTuple):
+    """Precomputed MXFP8 fake-quant copies of both expert weights (bf16, each (E, N, K) as
+    its weight); see ``quantize_mxfp8_expert_weights``.
+
+    gate_up_k / down_k: blocks of 32 along K (forward GEMMs). gate_up_n / down_n: blocks of
+    32 along N (input-gradient GEMMs); None when made with ``need_dgrad=False``.
+    """
+
+    gate_up_k: torch.Tensor
+    gate_up_n: Optional[torch.Tensor]
+    down_k: torch.Tensor
+    down_n: Optional[torch.Tensor]
+
+    @property
+    def has_dgrad(self) -> bool:
+        return self.gate_up_n is not None and self.down_n is not None
+
+
+def quantize_mxfp8_expert_weights(
+    gate_up_proj: torch.Tensor, down_proj: torch.Tensor, need_dgrad: bool = True
+) -> MXFP8ExpertWeights:
+    """MXFP8 fake-quant copies of both expert weights, exactly as ``mxfp8_swiglu_experts`` makes them.
+
+    Args:
+        gate_up_proj: (E, 2H, D) bf16/fp32.
+        down_proj: (E, D, H) bf16/fp32.
+        need_dgrad: also make the copies along N, needed whenever x or a weight requires grad.
+    Returns:
+        MXFP8ExpertWeights of bf16 tensors (no autograd history).
+    """
+    fq_weight = _ops(gate_up_proj.device)[1]
+    with torch.no_grad():
+        w1_k, w1_n = fq_weight(gate_up_proj, along_k=True, along_n=need_dgrad)
+        w2_k, w2_n = fq_weight(down_proj, along_k=True, along_n=need_dgrad)
+    return MXFP8ExpertWeights(w1_k, w1_n, w2_k, w2_n)
+
+
 class _MXFP8SwiGLUExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate_up_proj, down_proj, offs, need_grad: bool, x_col):
+    def forward(ctx, x, gate_up_proj, down_proj, offs, need_grad: bool, x_col, qweights=None):
         fq_2d, fq_weight, fq_swiglu, _, zero_slack_ = _ops(x.device)
         if x_col is None:
             x_row, x_col = fq_2d(x.contiguous(), offs, rows=True, cols=need_grad)
         else:  # x is already its row copy (mxfp8_routed_swiglu_experts's fused gather)
             x_row = x
-        w1_k, w1_n = fq_weight(gate_up_proj, along_k=True, along_n=need_grad)
-        w2_k, w2_n = fq_weight(down_proj, along_k=True, along_n=need_grad)
+        if qweights is None:
+            w1_k, w1_n = fq_weight(gate_up_proj, along_k=True, along_n=need_grad)
+            w2_k, w2_n = fq_weight(down_proj, along_k=True, along_n=need_grad)
+        else:  # precomputed by quantize_mxfp8_expert_weights: the same pass, run earlier
+            w1_k, w1_n, w2_k, w2_n = qweights
         gate_up = _gmm(x_row, w1_k.transpose(-2, -1), offs)  # (M, 2H)
         del x_row, w1_k
         h_row, h_col = fq_swiglu(gate_up, offs, rows=True, cols=need_grad)
@@ -130,7 +176,7 @@ class _MXFP8SwiGLUExperts(torch.autograd.Function):
                 grad_w1 = _cast(_gmm(g_col.t(), x_col, offs), ctx.dtypes[1])  # (E, 2H, D)
             if need_x:
                 grad_x = _cast(zero_slack_(_gmm(g_row, w1_n, offs), offs), ctx.dtypes[0])  # (M, D)
-        return grad_x, grad_w1, grad_w2, None, None, None
+        return grad_x, grad_w1, grad_w2, None, None, None, None
 
 
 def _check_inputs(x, gate_up_proj, down_proj, offs) -> None:
@@ -168,6 +214,24 @@ def _check_shapes(x, gate_up_proj, down_proj) -> None:
         raise ValueError("x, gate_up_proj, down_proj and offs must be on one device")
 
 
+def _check_quantized_weights(qw, gate_up_proj, down_proj, need_grad: bool) -> None:
+    if not isinstance(qw, MXFP8ExpertWeights):
+        raise TypeError(
+            f"quantized_weights must be the MXFP8ExpertWeights of quantize_mxfp8_expert_weights, got {type(qw).__name__}"
+        )
+    for name, q, w in (("gate_up_proj", qw.gate_up_k, gate_up_proj), ("down_proj", qw.down_k, down_proj)):
+        if tuple(q.shape) != tuple(w.shape) or q.device != w.device:
+            raise ValueError(
+                f"quantized_weights were made from a {name} of shape {tuple(q.shape)} on {q.device}, "
+                f"but {name} is {tuple(w.shape)} on {w.device}: quantize the weights passed here"
+            )
+    if need_grad and not qw.has_dgrad:
+        raise ValueError(
+            "quantized_weights lack the input-gradient copies but gradients are needed: "
+            "make them with quantize_mxfp8_expert_weights(..., need_dgrad=True)"
+        )
+
+
 def _assert_offsets(offs: torch.Tensor, num_rows: int) -> None:
     # Device-side checks (no host sync): non-empty groups start at multiples of the MXFP8
     # alignment (an empty group has no blocks to straddle), ends non-decreasing and in range.
@@ -188,6 +252,7 @@ def mxfp8_swiglu_experts(
     *,
     check_offsets: bool = True,
     x_col: Optional[torch.Tensor] = None,
+    quantized_weights: Optional[MXFP8ExpertWeights] = None,
 ) -> torch.Tensor:
     """Routed SwiGLU experts with MXFP8 forward and backward GEMMs (Hopper-friendly).
 
@@ -207,6 +272,10 @@ def mxfp8_swiglu_experts(
             given, ``x`` must already be its row copy (both from
             ``moeq.kernels.mxfp8_hopper.mxfp8_permute_fake_quant``) and is not quantized
             again; the gradient w.r.t. ``x`` passes straight through, as for any operand.
+        quantized_weights: optional ``quantize_mxfp8_expert_weights(gate_up_proj, down_proj)``
+            of these very weights, reused instead of quantizing them again (results are
+            bitwise the same; weight gradients still come back for the bf16/fp32 weights).
+            The caller guarantees they are current: ``moeq.quantized_weight_cache`` checks it.
     Returns:
         (M, D) in x.dtype; slack rows zero. Gradients come back in the inputs' dtypes.
     """
@@ -216,7 +285,9 @@ def mxfp8_swiglu_experts(
     need_grad = torch.is_grad_enabled() and (x.requires_grad or gate_up_proj.requires_grad or down_proj.requires_grad)
     if x_col is not None and (x_col.shape != x.shape or x_col.dtype != torch.bfloat16):
         raise ValueError(f"x_col must be x's bf16 column copy of shape {tuple(x.shape)}, got {x_col.dtype} {tuple(x_col.shape)}")
-    return _MXFP8SwiGLUExperts.apply(x, gate_up_proj, down_proj, offs, need_grad, x_col)
+    if quantized_weights is not None:
+        _check_quantized_weights(quantized_weights, gate_up_proj, down_proj, need_grad)
+    return _MXFP8SwiGLUExperts.apply(x, gate_up_proj, down_proj, offs, need_grad, x_col, quantized_weights)
 
 
 class _PermuteFakeQuant(torch.autograd.Function):
@@ -252,6 +323,8 @@ def mxfp8_routed_swiglu_experts(
     expert_weights: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
+    *,
+    quantized_weights: Optional[MXFP8ExpertWeights] = None,
 ) -> torch.Tensor:
     """A whole routed MoE experts block in MXFP8: permute-and-pad, experts, weighted combine.
 
@@ -264,6 +337,7 @@ def mxfp8_routed_swiglu_experts(
         tokens: (T, D) bf16/fp32. expert_indices: (T, k) integer expert ids in [0, E).
         expert_weights: (T, k) routing scores.
         gate_up_proj: (E, 2H, D). down_proj: (E, D, H).
+        quantized_weights: as for :func:`mxfp8_swiglu_experts`.
     Returns:
         (T, D) in tokens.dtype. Differentiable w.r.t. tokens, expert_weights and weights.
     """
@@ -280,5 +354,8 @@ def mxfp8_routed_swiglu_experts(
     x_row, x_col = _PermuteFakeQuant.apply(
         tokens, layout.source_rows, layout.dest_rows, layout.padded_offsets, layout.top_k, need_grad
     )
-    y = mxfp8_swiglu_experts(x_row, gate_up_proj, down_proj, layout.padded_offsets, check_offsets=False, x_col=x_col)
+    y = mxfp8_swiglu_experts(
+        x_row, gate_up_proj, down_proj, layout.padded_offsets, check_offsets=False, x_col=x_col,
+        quantized_weights=quantized_weights,
+    )
     return combine_token_groups(_cast(y, tokens.dtype), layout, expert_weights)
