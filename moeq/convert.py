@@ -171,6 +171,11 @@ def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
             "transformers' own expert parallelism is not supported by moeq-converted experts: "
             "use moeq.apply_expert_parallel instead"
         )
+    if getattr(self, "moeq_expert_dispatcher", None) is not None:
+        # moeq.apply_expert_parallel: tokens travel to the experts' ranks (moeq/parallel/hf_experts.py).
+        from moeq.parallel.hf_experts import hf_expert_parallel_forward
+
+        return hf_expert_parallel_forward(self, hidden_states, top_k_index, top_k_weights)
     qtype = self.moeq_recipe
     align = self.group_alignment
     num_experts = self.num_experts
@@ -183,10 +188,34 @@ def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
             weight_cache=module_weight_cache(self),
         )
     # Other activations, biases or layouts: per-GEMM kernels, not the fused SwiGLU.
-    kernel_choice = KERNEL_AUTO if self.moeq_kernel == KERNEL_TRITON else self.moeq_kernel
-    kernel = resolve_kernel(qtype, kernel_choice, hidden_states.device) if align else None
     grouped, counts, layout = _padding.permute_and_pad(hidden_states, top_k_index, num_experts, align)
+    out = hf_generic_experts(self, grouped, counts, align)
+    # Padding and slack rows may hold bias/activation values: the combine reads real rows only.
+    out = _padding.combine_token_groups(out, layout, top_k_weights)
+    # Cast only on a real change: a no-op .to() on an autograd.Function output is
+    # miscompiled by torch 2.11's torch.compile (zero gradients).
+    return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+
+
+def hf_generic_experts(self, grouped: torch.Tensor, counts: torch.Tensor, align) -> torch.Tensor:
+    """A converted transformers experts module's math on an expert-major layout, per GEMM.
+
+    For layouts the fused SwiGLU does not cover (biases, transposed or interleaved
+    weights, other activations, post-expert norm: GPT-OSS). Works on the local shard
+    under expert parallelism (E_l experts, DTensor weights).
+
+    Args:
+        grouped: (M, D) rows in expert order; with ``align`` each group starts at a
+            multiple of it (the padded layout), rows past the last group are slack.
+        counts: (E_l,) integer tokens per expert. align: None or the recipe's alignment.
+    Returns:
+        (M, D); padding and slack rows hold arbitrary values (never combined).
+    """
+    qtype = self.moeq_recipe
+    kernel_choice = KERNEL_AUTO if self.moeq_kernel == KERNEL_TRITON else self.moeq_kernel
+    kernel = resolve_kernel(qtype, kernel_choice, grouped.device) if align else None
     offs = group_end_offsets(counts, align)
+    num_experts = offs.shape[0]
     need_ids = self.has_bias
     # Expert of each row, for the per-expert bias (slack rows borrow the last expert's).
     expert_ids = row_group_ids(offs, grouped.shape[0]).clamp(max=num_experts - 1) if need_ids else None
@@ -209,11 +238,7 @@ def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
     out = linear(h, self.down_proj, getattr(self, "down_proj_bias", None))
     if getattr(self, "has_post_expert_norm", False):
         out = self.post_expert_norm(out)
-    # Padding and slack rows may hold bias/activation values: the combine reads real rows only.
-    out = _padding.combine_token_groups(out, layout, top_k_weights)
-    # Cast only on a real change: a no-op .to() on an autograd.Function output is
-    # miscompiled by torch 2.11's torch.compile (zero gradients).
-    return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+    return out
 
 
 def _is_plain_swiglu(module: nn.Module) -> bool:

@@ -1,7 +1,8 @@
 """Expert parallelism: experts sharded over an ``"ep"`` mesh dim, tokens moved by all-to-all.
 
 ``apply_expert_parallel(model, mesh)`` shards the routed experts of every ``moeq.MoE``
-(converted by ``moeq.convert_model`` or not) over ``mesh["ep"]`` as DTensors
+(converted by ``moeq.convert_model`` or not) and of every converted transformers experts
+module (moeq/parallel/hf_experts.py) over ``mesh["ep"]`` as DTensors
 (``Shard(0)``: global expert ``e`` lives on EP rank ``e // (E / ep)``), and gives each MoE
 an :class:`ExpertParallelDispatcher`. Per step and per MoE the dispatcher:
 
@@ -242,44 +243,59 @@ def _shard_parameter(module: nn.Module, name: str, ep_mesh) -> None:
 
 
 def apply_expert_parallel(model: nn.Module, device_mesh, *, fused: bool = True) -> nn.Module:
-    """Shard every ``moeq.MoE``'s routed experts over ``device_mesh["ep"]``, in place.
+    """Shard every ``moeq.MoE``'s and transformers experts module's routed experts over
+    ``device_mesh["ep"]``, in place.
 
     Call it on every rank of the mesh, after building (and optionally converting) the
     model and before building the optimizer (expert parameters are replaced by DTensor
-    parameters). ``moeq.convert_model`` may be called before or after. Each EP rank
+    parameters). For ``moeq.MoE`` layers ``moeq.convert_model`` may be called before or
+    after; transformers 5.x experts modules (``@use_experts_implementation``) must be
+    converted first (any recipe, ``"bf16"`` included; see moeq/parallel/hf_experts.py):
+    their weights and per-expert biases are sharded and their converted forward sends the
+    tokens through the dispatcher. Each EP rank
     keeps E/ep experts (global expert e on EP rank ``e // (E / ep)``); routers and
     shared experts stay replicated: sum their gradients over the data-parallel ranks
     (which the EP ranks are) as usual, e.g. with FSDP2 over a mesh including "ep".
 
     Args:
-        model: a module containing ``moeq.MoE`` layers.
+        model: a module containing ``moeq.MoE`` layers and/or converted transformers
+            experts modules.
         device_mesh: DeviceMesh with an ``"ep"`` dim (1D ``("ep",)`` or e.g.
             ``("dp", "ep")``); its device type must be the model's (NCCL on CUDA, gloo on CPU).
         fused: dispatch writes received tokens straight into the experts' padded layout
             (default). False selects the unfused baseline (for benchmarks).
     Returns:
-        ``model``; ``model.moeq_expert_parallel_fqns`` lists the sharded MoE layers.
+        ``model``; ``model.moeq_expert_parallel_fqns`` lists the sharded MoE layers and
+        transformers experts modules.
     Raises:
         TypeError/ValueError: no DeviceMesh, no "ep" dim, experts not divisible by the EP
-        size, no MoE layer found, or already applied. NotImplementedError for experts
-        modules other than moeq's (transformers / torchtitan experts).
+        size, no MoE layer found, already applied, or a transformers experts module not
+        converted by ``moeq.convert_model`` (or running transformers' own EP).
+        NotImplementedError: torchtitan experts (use torchtitan's expert parallelism), or a
+        transformers experts module with parameters EP does not know how to shard.
         At run time, ranks whose experts run different recipes raise RuntimeError on the
         first forward (checked with the count exchange, at no extra cost).
     """
     ep_mesh = _ep_mesh(device_mesh)
     ep = ep_mesh.size()
-    from moeq.convert import _is_hf_experts, _is_torchtitan_experts  # local: convert imports torchao
+    from moeq.convert import _is_torchtitan_experts  # local: convert imports torchao
+    from moeq.parallel.hf_experts import check_hf_experts, find_hf_experts
 
     moes = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, MoE)]
     inside = {id(m.experts) for _, m in moes}
     for fqn, m in model.named_modules():
-        if id(m) not in inside and not isinstance(m, GroupedExperts) and (_is_hf_experts(m) or _is_torchtitan_experts(m)):
+        if id(m) not in inside and not isinstance(m, GroupedExperts) and _is_torchtitan_experts(m):
             raise NotImplementedError(
-                f"apply_expert_parallel shards moeq.MoE layers; {fqn} is a {type(m).__name__} experts module "
-                f"(transformers / torchtitan), whose routing lives outside it: not supported yet"
+                f"{fqn or '<root>'} is a torchtitan GroupedExperts: use torchtitan's own expert parallelism "
+                f"(its dispatch moves the tokens); moeq-converted torchtitan experts run on whatever groups it "
+                f"hands them, padding each group to the recipe's GROUP_ALIGNMENT themselves"
             )
-    if not moes:
-        raise ValueError(f"apply_expert_parallel found no moeq.MoE layer in {type(model).__name__}")
+    hf = [(fqn, m) for fqn, m in find_hf_experts(model) if id(m) not in inside and not isinstance(m, GroupedExperts)]
+    if not moes and not hf:
+        raise ValueError(
+            f"apply_expert_parallel found no moeq.MoE layer and no transformers experts module in "
+            f"{type(model).__name__}"
+        )
     for fqn, moe in moes:
         E = moe.num_experts
         if E % ep:
@@ -289,6 +305,7 @@ def apply_expert_parallel(model: nn.Module, device_mesh, *, fused: bool = True) 
             )
         if getattr(moe, "expert_dispatcher", None) is not None:
             raise ValueError(f"{fqn or '<root>'}: apply_expert_parallel was already applied")
+    hf_sharded = [check_hf_experts(fqn, m, ep) for fqn, m in hf]
     for fqn, moe in moes:
         experts = moe.experts
         if type(experts) is GroupedExperts:
@@ -296,5 +313,9 @@ def apply_expert_parallel(model: nn.Module, device_mesh, *, fused: bool = True) 
         _shard_parameter(experts, "gate_up_proj", ep_mesh)
         _shard_parameter(experts, "down_proj", ep_mesh)
         moe.expert_dispatcher = ExpertParallelDispatcher(ep_mesh, moe.num_experts, fused=fused)
-    model.moeq_expert_parallel_fqns = [fqn for fqn, _ in moes]
+    for (fqn, experts), names in zip(hf, hf_sharded):
+        for name in names:
+            _shard_parameter(experts, name, ep_mesh)
+        experts.moeq_expert_dispatcher = ExpertParallelDispatcher(ep_mesh, experts.num_experts, fused=fused)
+    model.moeq_expert_parallel_fqns = [fqn for fqn, _ in moes] + [fqn for fqn, _ in hf]
     return model
