@@ -113,10 +113,10 @@ def count_host_syncs(step, device):
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    msgs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-    for m in msgs:
-        print(f"[ep] host sync: {m.splitlines()[0]}", flush=True)
-    return len(msgs)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    for w in syncs:
+        print(f"[ep] host sync at {w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}", flush=True)
+    return len(syncs)
 
 
 def routing(args, rank, device):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-import torch
 from torch import Tensor, nn
 
 from moeq.experts import group_end_offsets, swiglu_experts
