@@ -411,6 +411,7 @@ if HAS_TRITON:
         BLOCK_E: tl.constexpr,
         PREFIX_IN_KERNEL: tl.constexpr,
         BLOCK_NB: tl.constexpr,
+        COUNT_BLOCKS: tl.constexpr,
     ):
         # dest[f] = group_start[e] + (copies of e in earlier blocks) + (earlier copies of
         # e in this block): a stable counting sort without a sort.
@@ -418,8 +419,18 @@ if HAS_TRITON:
         e = tl.arange(0, BLOCK_E)
         emask = e < E
         col = e * num_blocks + pid
-        mine = tl.load(block_counts_ptr + col, mask=emask, other=0)
-        if PREFIX_IN_KERNEL:
+        if COUNT_BLOCKS > 0:
+            # very few blocks: every program histograms them all itself (no count launch)
+            c = tl.zeros([BLOCK_E], dtype=tl.int32)
+            before = tl.zeros([BLOCK_E], dtype=tl.int32)
+            for b in tl.static_range(COUNT_BLOCKS):
+                fb = b * BLOCK_F + tl.arange(0, BLOCK_F)
+                idb = tl.load(ids_ptr + fb, mask=fb < F, other=-1).to(tl.int64)
+                hb = tl.sum((idb[:, None] == e[None, :].to(tl.int64)).to(tl.int32), axis=0)
+                hb = tl.where(emask, hb, 0)  # out-of-range ids count nowhere: the ok flag fails
+                c += hb
+                before += tl.where(b < pid, hb, 0)
+        elif PREFIX_IN_KERNEL:
             # few blocks: every program sums the (E, num_blocks) histograms itself, which
             # saves the prefix-sum launch (host launch cost dominates small problems)
             b = tl.arange(0, BLOCK_NB)
@@ -432,7 +443,7 @@ if HAS_TRITON:
             before = tl.sum(tl.where(b[None, :] < pid, hist, 0), 1)
         else:
             c = tl.load(incl_ptr + e * num_blocks + (num_blocks - 1), mask=emask, other=0)
-            before = tl.load(incl_ptr + col, mask=emask, other=0) - mine
+            before = tl.load(incl_ptr + col, mask=emask, other=0) - tl.load(block_counts_ptr + col, mask=emask, other=0)
         sizes = (c + (ALIGN - 1)) // ALIGN * ALIGN
         ends = tl.cumsum(sizes, 0)
         starts = ends - sizes
@@ -731,6 +742,10 @@ def unpad_triton(
 # The index kernel sums the block histograms itself up to this many (expert, block)
 # entries; above it a torch.cumsum launch is cheaper than every program re-reading them.
 _PREFIX_IN_KERNEL_MAX = 4096
+# Up to this many blocks every program of the index kernel also counts all the blocks
+# itself (a few microseconds of device time for one launch less: small routings are
+# host-bound). The block count is a compile-time constant: at most this many variants.
+_COUNT_IN_KERNEL_MAX_BLOCKS = 16
 
 
 def route_triton(
@@ -739,9 +754,10 @@ def route_triton(
     """Triton twin of :func:`route_reference`, plus ``ok`` (1,) int32: 1 iff every index is
     in [0, num_experts).
 
-    Two launches when the (experts x blocks) histogram is small (block histograms, then
-    destination rows with the prefix over blocks summed in-kernel), three otherwise (a
-    torch.cumsum between). ``fill_source_rows=False`` leaves padding and slack entries of
+    One launch for up to ``_COUNT_IN_KERNEL_MAX_BLOCKS`` blocks (each program counts every
+    block itself), two when the (experts x blocks) histogram is small (block histograms,
+    then destination rows with the prefix over blocks summed in-kernel), three otherwise
+    (a torch.cumsum between). ``fill_source_rows=False`` leaves padding and slack entries of
     ``source_rows`` unwritten, for callers whose next kernel writes them (one launch less).
     """
     T, k = expert_indices.shape
@@ -752,7 +768,6 @@ def route_triton(
     block_e = _block_e(E)
     block_f = max(16, min(1024, 8192 // block_e, _next_pow2(max(F, 1))))
     num_blocks = max(1, _cdiv(F, block_f))
-    block_counts = torch.empty((E, num_blocks), dtype=torch.int32, device=dev)
     counts = torch.empty(E, dtype=torch.int64, device=dev)
     # separate buffers: custom ops may not return views of one another
     offs = torch.empty(E, dtype=torch.int32, device=dev)
@@ -764,10 +779,15 @@ def route_triton(
     else:
         source_rows = torch.empty(num_out_rows, dtype=torch.int32, device=dev)
     ids_arg = _nonempty(ids)
-    _route_count_kernel[(num_blocks,)](ids_arg, block_counts, F, E, num_blocks, BLOCK_F=block_f, BLOCK_E=block_e)
+    count_blocks = num_blocks if num_blocks <= _COUNT_IN_KERNEL_MAX_BLOCKS else 0
     block_nb = _next_pow2(num_blocks)
     in_kernel = block_e * block_nb <= _PREFIX_IN_KERNEL_MAX
-    incl = block_counts if in_kernel else torch.cumsum(block_counts, 1, dtype=torch.int32)
+    if count_blocks:
+        block_counts = incl = ids_arg  # unused
+    else:
+        block_counts = torch.empty((E, num_blocks), dtype=torch.int32, device=dev)
+        _route_count_kernel[(num_blocks,)](ids_arg, block_counts, F, E, num_blocks, BLOCK_F=block_f, BLOCK_E=block_e)
+        incl = block_counts if in_kernel else torch.cumsum(block_counts, 1, dtype=torch.int32)
     _route_index_kernel[(num_blocks,)](
         ids_arg,
         block_counts,
@@ -787,6 +807,7 @@ def route_triton(
         BLOCK_E=block_e,
         PREFIX_IN_KERNEL=in_kernel,
         BLOCK_NB=block_nb if in_kernel else 1,
+        COUNT_BLOCKS=count_blocks,
     )
     return counts, offs, starts, dest, source_rows, ok
 
@@ -801,9 +822,8 @@ def permute_and_pad_triton(
     config: Optional[dict] = None,
 ):
     """Triton twin of :func:`permute_and_pad_reference`, plus ``ok`` (1,) int32: 1 iff
-    every index is in [0, num_experts). Three launches (block histograms, destination
-    rows, the padded gather, which also writes -1 into ``source_rows`` on padding rows),
-    four for large histograms (see :func:`route_triton`)."""
+    every index is in [0, num_experts). The launches of :func:`route_triton`, then the
+    padded gather, which also writes -1 into ``source_rows`` on padding rows."""
     counts, offs, starts, dest, source_rows, ok = route_triton(
         expert_indices, num_experts, alignment, num_out_rows, fill_source_rows=False
     )

@@ -496,17 +496,18 @@ def _twin_checks(alignment, counts, ids, E, D, dtype, seed):
         bad_ids = ids_t.clone()
         bad_ids[0, 0] = E
         assert kp.permute_and_pad_triton(xt, bad_ids, E, a, prow)[6].tolist() == [0]
-    # route only: the histogram prefix summed in-kernel and by torch.cumsum agree
+    # route only, each launch plan: blocks counted in the index kernel, histogram prefix
+    # summed in-kernel, or by torch.cumsum; all agree with the reference
     route_ref = kp.route_reference(ids_t, E, a, prow)
-    saved = kp._PREFIX_IN_KERNEL_MAX
-    for limit in (saved, 0):
-        kp._PREFIX_IN_KERNEL_MAX = limit
+    saved = kp._PREFIX_IN_KERNEL_MAX, kp._COUNT_IN_KERNEL_MAX_BLOCKS
+    for limits in (saved, (saved[0], 0), (0, 0)):
+        kp._PREFIX_IN_KERNEL_MAX, kp._COUNT_IN_KERNEL_MAX_BLOCKS = limits
         try:
             got = kp.route_triton(ids_t, E, a, prow)
         finally:
-            kp._PREFIX_IN_KERNEL_MAX = saved
+            kp._PREFIX_IN_KERNEL_MAX, kp._COUNT_IN_KERNEL_MAX_BLOCKS = saved
         for i in range(5):
-            assert torch.equal(got[i], route_ref[i]), (limit, i)
+            assert torch.equal(got[i], route_ref[i]), (limits, i)
         assert got[5].tolist() == [1]
     counts_p, dest, source = rr[1], rr[4], rr[5]
     yb = random_rows(prow, D, dtype, gen)
