@@ -68,7 +68,7 @@ def plot_experts(results_dir: str, out_path: str) -> None:
 
     fig, axes = plt.subplots(2, 1, figsize=(14, 10.5), dpi=110, sharex=True)
     panels = (
-        ("speed_vs_best_bf16", "speed vs fastest BF16\n(moeq bf16, fused gate|up)"),
+        ("speed_vs_best_bf16", "speed vs the run's fastest BF16"),
         ("speed_vs_bf16_3gemm", "speed vs BF16, 3 GEMMs\n(the issues' baseline)"),
     )
     width = 0.8 / len(variants)
@@ -82,7 +82,10 @@ def plot_experts(results_dir: str, out_path: str) -> None:
                     continue
                 xs.append(s - 0.4 + (i + 0.5) * width)
                 ys.append(r[key])
-            ax.bar(xs, ys, width * 0.92, color=_variant_color(v), edgecolor="black", linewidth=0.4, label=v)
+            cached = "cached" in v  # per micro-batch inside moeq.quantized_weight_cache, not per step
+            ax.bar(xs, ys, width * 0.92, color=_variant_color(v), edgecolor="white" if cached else "black",
+                   linewidth=0.4, hatch="//" if cached else None, label=v.split(" [")[0] + (
+                       " [micro-batch 2..N of grad. accumulation]" if cached else ""))
             for x, y in zip(xs, ys):
                 ax.text(x, y + 0.02, f"{y:.2f}", ha="center", va="bottom", fontsize=7, rotation=90,
                         bbox=dict(facecolor="white", edgecolor="none", pad=0.3, alpha=0.85))
@@ -106,7 +109,7 @@ def plot_experts(results_dir: str, out_path: str) -> None:
     axes[1].set_xticks(range(len(shapes)))
     axes[1].set_xticklabels([SHAPE_LABELS.get(s, s) for s in shapes])
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=9, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(out_path)
     plt.close(fig)
