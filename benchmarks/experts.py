@@ -356,20 +356,26 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/experts.py needs a CUDA GPU (or --device cpu --shapes tiny to smoke-test it)")
+    run_and_write(args, "experts", run_shape, SHAPES, markdown)
+
+
+def run_and_write(args, prefix, run_shape_fn, shapes, markdown_fn):
+    """Run ``run_shape_fn`` over ``args.shapes`` and write ``<prefix>_<gpu>.{log,json,md}``
+    to ``args.out``; prints the markdown table last."""
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(device, torch.cuda.get_device_capability() if args.device == "cuda" else "", "torch", torch.__version__, flush=True)
     os.makedirs(args.out, exist_ok=True)
     tag = device.replace("NVIDIA ", "").split()[0].lower()
     rows = []
-    with open(os.path.join(args.out, f"experts_{tag}.log"), "w") as log:
+    with open(os.path.join(args.out, f"{prefix}_{tag}.log"), "w") as log:
         for name in args.shapes:
             t0 = time.time()
-            rows += run_shape(name, SHAPES[name], args.variants, args.seed, log, args.device)
+            rows += run_shape_fn(name, shapes[name], args.variants, args.seed, log, args.device)
             print(f"# {name} done in {time.time() - t0:.0f}s", flush=True)
-    with open(os.path.join(args.out, f"experts_{tag}.json"), "w") as fh:
+    with open(os.path.join(args.out, f"{prefix}_{tag}.json"), "w") as fh:
         json.dump({"device": device, "torch": torch.__version__, "rows": rows}, fh, indent=1)
-    md = markdown(rows, device)
-    with open(os.path.join(args.out, f"experts_{tag}.md"), "w") as fh:
+    md = markdown_fn(rows, device)
+    with open(os.path.join(args.out, f"{prefix}_{tag}.md"), "w") as fh:
         fh.write(md)
     print(md)
 

@@ -23,14 +23,13 @@ import argparse
 import json
 import os
 import sys
-import time
 import traceback
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from experts import _bench, _sync, compiled, make_torchao, rel  # noqa: E402
+from experts import _bench, _sync, compiled, make_torchao, rel, run_and_write  # noqa: E402
 
 SHAPES = {  # name: (E, D, H, tokens T, top-k); routed rows M = T * k as in experts.py
     "mixtral_8x7b": (8, 4096, 14336, 8192, 2),
@@ -241,22 +240,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/moe_layer.py needs a CUDA GPU (or --device cpu --shapes tiny)")
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(device, "torch", torch.__version__, flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    tag = device.replace("NVIDIA ", "").split()[0].lower()
-    rows = []
-    with open(os.path.join(args.out, f"moe_layer_{tag}.log"), "w") as log:
-        for name in args.shapes:
-            t0 = time.time()
-            rows += run_shape(name, SHAPES[name], args.variants, args.seed, log, args.device)
-            print(f"# {name} done in {time.time() - t0:.0f}s", flush=True)
-    with open(os.path.join(args.out, f"moe_layer_{tag}.json"), "w") as fh:
-        json.dump({"device": device, "torch": torch.__version__, "rows": rows}, fh, indent=1)
-    md = markdown(rows, device)
-    with open(os.path.join(args.out, f"moe_layer_{tag}.md"), "w") as fh:
-        fh.write(md)
-    print(md)
+    run_and_write(args, "moe_layer", run_shape, SHAPES, markdown)
 
 
 if __name__ == "__main__":
