@@ -7,8 +7,8 @@ Launch (2 GPUs, NCCL):
 
 (the script also sets both variables itself if unset: NVLink multicast stays off). Also
 ``--ep 4``/``--ep 8`` on more GPUs (the mesh is ("dp", "ep") with dp = world / ep), and
-on CPU for a smoke test: ``torchrun --nproc-per-node 2 benchmarks/ep.py --backend gloo
---device cpu --tiny``.
+on CPU for a smoke test: ``torchrun --nproc-per-node 2 benchmarks/ep.py --cpu-smoke``
+(= ``--backend gloo --device cpu --tiny``).
 
 Per recipe (bf16, fp8, mxfp8, each through ``moeq.convert_model``, kernel "auto" on GPU,
 "emulated" on CPU), with the same weights, tokens and routing on every variant:
@@ -17,15 +17,24 @@ Per recipe (bf16, fp8, mxfp8, each through ``moeq.convert_model``, kernel "auto"
   experts' padded expert-major layout; the experts do not pad again);
 * **unfused**: all-to-all, then permute to expert-major, then ``pad_token_groups``
   (and unpad, unpermute on the way back): one extra pass each way;
+* **quantized** (fp8, mxfp8 only): the fused dispatch with ``quantize_dispatch=True``: rows
+  are quantized along D with the experts' recipe and packed with their scales into one
+  uint8 row (fp8: D + 16 bytes, mxfp8: round_up(D + D/32, 16)) before the all-to-all, and
+  dequantized into the padded layout on arrival; combine and backward stay bf16;
 * **1 GPU**: rank 0 alone runs the same global batch (all ranks' tokens) through the
   unsharded MoE (permute-and-pad + all experts + combine).
 
 Timed: forward + backward of dispatch + experts + combine for fixed routing (router
 excluded), median of --iters steps after --warmup, max over ranks. Checked first, on
 fresh random data: fused == unfused (bitwise), EP == 1 GPU (relative error), and the
-BF16 EP output against a float64 reference. Bytes: what each rank's all-to-alls move per
-step (forward dispatch + combine, backward both), total and to other ranks.
-Writes ep.json and ep.md under --out and prints the markdown table.
+BF16 EP output against a float64 reference, quantized == fused (forward, bitwise: the
+experts' own quantization of the dequantized rows reproduces them). Bytes: measured
+by wrapping ``dist.all_to_all_single`` during one step: what each rank's token
+all-to-alls send per step (forward dispatch + combine, backward both; the count
+exchange apart), total and to other ranks, and the forward dispatch's share alone.
+Also timed alone: the forward dispatch (bf16: all-to-all + gather into the padded layout;
+quantized: pack + all-to-all + gather/dequantize).
+Writes ep.json and ep.md under --out and prints the markdown tables.
 """
 from __future__ import annotations
 
@@ -52,6 +61,10 @@ if not torch.cuda.is_available():
 import moeq  # noqa: E402
 from moeq.recipes import RECIPE_NAMES  # noqa: E402
 
+from moeq.parallel.quantized_dispatch import QUANTIZED_RECIPES  # noqa: E402
+
+QUANTIZED = tuple(q.value for q in QUANTIZED_RECIPES)  # recipes whose dispatch can send quantized rows
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -67,8 +80,11 @@ def parse_args():
     p.add_argument("--backend", default=None, help="nccl (default on GPU) or gloo")
     p.add_argument("--device", default=None, help="cuda (default if available) or cpu")
     p.add_argument("--tiny", action="store_true", help="tiny sizes for a CPU smoke test")
+    p.add_argument("--cpu-smoke", action="store_true", help="--backend gloo --device cpu --tiny")
     p.add_argument("--out", default=None, help="directory for ep.json / ep.md")
     a = p.parse_args()
+    if a.cpu_smoke:
+        a.backend, a.device, a.tiny = "gloo", "cpu", True
     if a.tiny:
         a.tokens, a.dim, a.hidden, a.experts, a.top_k, a.warmup, a.iters = 64, 64, 64, 8, 2, 1, 3
     return a
@@ -155,21 +171,82 @@ def gather_rows(t, world):
     return torch.cat(parts)
 
 
-def a2a_bytes(plan, rank, row_bytes):
-    """(total, to other ranks) bytes one rank's four all-to-alls move per fwd+bwd step."""
-    total = 4 * plan.num_send * row_bytes
-    remote = 4 * (plan.num_send - plan.send_splits[rank]) * row_bytes
-    return total, remote
+class A2ABytes:
+    """Counts the bytes ``dist.all_to_all_single`` sends from this rank while active.
+
+    ``tokens``/``tokens_remote``: token all-to-alls (everything but the int64 count
+    exchange), in total and to other ranks; ``first``/``first_remote``: the first token
+    all-to-all of the step (the forward dispatch)."""
+
+    def __init__(self):
+        self.tokens = self.tokens_remote = 0
+        self.first = self.first_remote = None
+        self._orig = dist.all_to_all_single
+
+    def __enter__(self):
+        def spy(out, inp, output_split_sizes=None, input_split_sizes=None, group=None, **kw):
+            if inp.dtype != torch.int64:
+                n = inp.numel() * inp.element_size()
+                me = dist.get_rank(group)
+                if input_split_sizes:
+                    own = input_split_sizes[me] * (n // max(inp.shape[0], 1))
+                else:
+                    own = n // dist.get_world_size(group)
+                self.tokens += n
+                self.tokens_remote += n - own
+                if self.first is None:
+                    self.first, self.first_remote = n, n - own
+            return self._orig(out, inp, output_split_sizes, input_split_sizes, group=group, **kw)
+
+        dist.all_to_all_single = spy
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_to_all_single = self._orig
+
+
+def measured_bytes(step):
+    with A2ABytes() as b:
+        step()
+    return b
+
+
+def max_over_ranks(values, device):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def dispatch_only_ms(m, x, idx, args, device, quantized):
+    """Forward dispatch alone (no grad): bf16 all-to-all + gather into the padded layout, or
+    pack + all-to-all of packed rows + gather/dequantize. Uses the last step's plan."""
+    from moeq.padding import permute_and_pad
+    from moeq.parallel import expert_parallel as epmod
+
+    plan = m.expert_dispatcher.last_plan
+    recipe = m.experts.moeq_recipe.value
+    send = permute_and_pad(x, idx, args.experts, None)[0]
+
+    def step():
+        with torch.no_grad():
+            if quantized:
+                epmod._dispatch_quantized(send, plan, recipe)
+            else:
+                epmod._dispatch(send, plan)
+
+    return median_step_s(step, device, args.warmup, args.iters) * 1e3
 
 
 def bench_recipe(args, recipe, mesh, rank, world, device):
-    ep_rank = mesh["ep"].get_local_rank()
     base = build_moe(args, recipe, device)
     x, idx, w, gout = routing(args, rank, device)
     variants = {}
-    for name, fused in (("fused", True), ("unfused", False)):
+    quantizable = recipe in QUANTIZED
+    for name, fused, quantized in (("fused", True, False), ("unfused", False, False), ("quantized", True, True)):
+        if quantized and not quantizable:
+            continue
         m = copy.deepcopy(base)
-        moeq.apply_expert_parallel(m, mesh, fused=fused)
+        moeq.apply_expert_parallel(m, mesh, fused=fused, quantize_dispatch=quantized)
         variants[name] = m
 
     def ep_step(m):
@@ -190,23 +267,42 @@ def bench_recipe(args, recipe, mesh, rank, world, device):
     gx, gidx, gw = (gather_rows(t, world) for t in (x, idx, w))
     gout_ep = gather_rows(outs["fused"], world)
     row = {"recipe": recipe, "fused_equals_unfused": fused_eq_unfused, "host_syncs_per_step": syncs}
+    if quantizable:
+        assert variants["quantized"].expert_dispatcher.uses_quantized_dispatch(variants["quantized"].experts)
+        q_eq = torch.tensor([float(torch.equal(outs["quantized"], outs["fused"]))], device=device)
+        dist.all_reduce(q_eq, op=dist.ReduceOp.MIN)
+        row["quantized_equals_fused_fwd"] = bool(q_eq.item())
+        row["host_syncs_per_step_quantized"] = count_host_syncs(ep_step(variants["quantized"]), device)
+        gout_q = gather_rows(outs["quantized"], world)
     if rank == 0:
         one = base._local_experts(gx, _Routing(gidx, gw)).detach()
         row["rel_err_ep_vs_1gpu"] = rel_err(gout_ep, one)
         ref = reference64(gx, gidx, gw, base.experts.gate_up_proj.detach(), base.experts.down_proj.detach())
         row["rel_err_ep_vs_fp64"] = rel_err(gout_ep, ref)
+        if quantizable:
+            row["rel_err_quantized_vs_1gpu"] = rel_err(gout_q, one)
+            row["rel_err_quantized_vs_fp64"] = rel_err(gout_q, ref)
 
     for name, m in variants.items():
         t = median_step_s(ep_step(m), device, args.warmup, args.iters)
         t_max = torch.tensor([t], dtype=torch.float64, device=device)
         dist.all_reduce(t_max, op=dist.ReduceOp.MAX)
         row[f"ep_{name}_ms"] = t_max.item() * 1e3
-    plan = variants["fused"].expert_dispatcher.last_plan
-    row_bytes = args.dim * x.element_size()
-    total, remote = a2a_bytes(plan, ep_rank, row_bytes)
-    tb = torch.tensor([total, remote], dtype=torch.float64, device=device)
-    dist.all_reduce(tb, op=dist.ReduceOp.MAX)
-    row["a2a_mb_per_rank_step"], row["a2a_remote_mb_per_rank_step"] = (tb / 2**20).tolist()
+    mib = 2.0**20
+    for name in [n for n in ("fused", "quantized") if n in variants]:
+        b = measured_bytes(ep_step(variants[name]))
+        key = "" if name == "fused" else "_quantized"
+        tot, rem, first, first_rem = (v / mib for v in max_over_ranks(
+            [b.tokens, b.tokens_remote, b.first, b.first_remote], device))
+        row[f"a2a_mb_per_rank_step{key}"], row[f"a2a_remote_mb_per_rank_step{key}"] = tot, rem
+        row[f"dispatch_fwd_mb{key}"], row[f"dispatch_fwd_remote_mb{key}"] = first, first_rem
+        ms = dispatch_only_ms(variants[name], x, idx, args, device, quantized=name == "quantized")
+        row[f"dispatch_fwd_ms{key}"] = max_over_ranks([ms], device)[0]
+    if quantizable:
+        from moeq.parallel.quantized_dispatch import packed_row_bytes
+
+        row["packed_row_bytes"] = packed_row_bytes(args.dim, recipe)
+        row["bf16_row_bytes"] = args.dim * x.element_size()
 
     # one GPU, same global batch, same run: rank 0 alone
     dist.barrier()
@@ -253,6 +349,31 @@ def markdown(rows, args, world, device_name):
             f"({r['a2a_remote_mb_per_rank_step']:.4g}) | {r['host_syncs_per_step']} | {r['fused_equals_unfused']} | "
             f"{r['rel_err_ep_vs_1gpu']:.2e} | {r['rel_err_ep_vs_fp64']:.2e} |"
         )
+    qrows = [r for r in rows if "ep_quantized_ms" in r]
+    if qrows:
+        lines += [
+            "",
+            "Quantized dispatch (FP8/MXFP8 rows + scales over the forward dispatch all-to-all; combine "
+            "and backward in bf16), same run, same inputs. Bytes measured on the all-to-all calls of one "
+            "step, max over ranks; dispatch fwd ms: the forward dispatch alone (no grad).",
+            "",
+            "| recipe | row bytes bf16 -> packed | EP fused ms | EP quantized ms | fused/quantized | "
+            "dispatch fwd ms bf16 -> quantized | dispatch fwd MiB bf16 -> quantized (to other ranks) | "
+            "token a2a MiB/rank/step bf16 -> quantized | host syncs/step | quantized==fused fwd | "
+            "rel err quantized vs 1 GPU | rel err quantized vs fp64 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in qrows:
+            lines.append(
+                f"| {r['recipe']} | {r['bf16_row_bytes']} -> {r['packed_row_bytes']} | {r['ep_fused_ms']:.3f} | "
+                f"{r['ep_quantized_ms']:.3f} | {r['ep_fused_ms'] / r['ep_quantized_ms']:.2f}x | "
+                f"{r['dispatch_fwd_ms']:.3f} -> {r['dispatch_fwd_ms_quantized']:.3f} | "
+                f"{r['dispatch_fwd_mb']:.4g} -> {r['dispatch_fwd_mb_quantized']:.4g} "
+                f"({r['dispatch_fwd_remote_mb']:.4g} -> {r['dispatch_fwd_remote_mb_quantized']:.4g}) | "
+                f"{r['a2a_mb_per_rank_step']:.4g} -> {r['a2a_mb_per_rank_step_quantized']:.4g} | "
+                f"{r['host_syncs_per_step_quantized']} | {r['quantized_equals_fused_fwd']} | "
+                f"{r['rel_err_quantized_vs_1gpu']:.2e} | {r['rel_err_quantized_vs_fp64']:.2e} |"
+            )
     return "\n".join(lines)
 
 

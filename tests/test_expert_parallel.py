@@ -34,11 +34,16 @@ def _global_moe(num_experts, seed=0):
     return moe
 
 
-def _global_batch(sizes, seed=1):
+def _global_batch(sizes, seed=1, spread=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(sum(sizes), DIM, generator=g)
     x[:, 0] = x[:, 0].abs() + 1.0
     grad = torch.randn(sum(sizes), DIM, generator=g)
+    if spread:
+        # token norms and channel magnitudes spread over 2**+-4, as real activations do:
+        # row (along D) and column (along tokens) quantization scales then differ
+        x = x * torch.exp2(torch.rand(sum(sizes), 1, generator=g) * 8 - 4)
+        x = x * torch.exp2(torch.rand(1, DIM, generator=g) * 8 - 4)
     return x.to(torch.bfloat16), grad.to(torch.bfloat16)
 
 
@@ -47,10 +52,10 @@ def _convert(moe, recipe):
         moeq.convert_model(moe, recipe, kernel="emulated")
 
 
-def _reference(num_experts, recipe, sizes):
+def _reference(num_experts, recipe, sizes, spread=False):
     moe = _global_moe(num_experts)
     _convert(moe, recipe)
-    x, g = _global_batch(sizes)
+    x, g = _global_batch(sizes, spread=spread)
     x.requires_grad_()
     out = moe(x)
     out.backward(g)
@@ -75,15 +80,16 @@ class _PadSpy:
         moeq_padding.pad_token_groups = self._orig
 
 
-def _ep_step(mesh, num_experts, recipe, sizes, *, convert_first, fused=True, compile=False):
+def _ep_step(mesh, num_experts, recipe, sizes, *, convert_first, fused=True, compile=False, quantize_dispatch=False,
+             spread=False):
     rank = dist.get_rank()
     moe = _global_moe(num_experts)
     if convert_first:
         _convert(moe, recipe)
-    moeq.apply_expert_parallel(moe, mesh, fused=fused)
+    moeq.apply_expert_parallel(moe, mesh, fused=fused, quantize_dispatch=quantize_dispatch)
     if not convert_first:
         _convert(moe, recipe)
-    x, g = _global_batch(sizes)
+    x, g = _global_batch(sizes, spread=spread)
     start = sum(sizes[:rank])
     x = x[start: start + sizes[rank]].clone().requires_grad_()
     fn = torch.compile(moe, backend="aot_eager") if compile else moe
@@ -204,6 +210,129 @@ def case_fsdp(mesh, num_experts, recipe, sizes):
         assert (got - ref).norm() <= 2e-2 * ref.norm(), f"{name} gradient differs under FSDP2"
 
 
+class _AllToAllSpy:
+    """Records (dtype, shape) of every all_to_all_single input (what crosses the wire)."""
+
+    def __init__(self):
+        self.sent, self._orig = [], dist.all_to_all_single
+
+    def __enter__(self):
+        def spy(out, inp, *a, **k):
+            self.sent.append((inp.dtype, tuple(inp.shape)))
+            return self._orig(out, inp, *a, **k)
+
+        dist.all_to_all_single = spy
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_to_all_single = self._orig
+
+
+def _float64_expert_grads(num_experts, sizes, spread):
+    """Float64 expert-weight gradients of the single-process MoE's routing (fixed, from its
+    bf16 router), same weights, tokens and output gradient: the quantization-free truth."""
+    moe = _global_moe(num_experts)
+    x, g = _global_batch(sizes, spread=spread)
+    with torch.no_grad():
+        r = moe.router(x)
+    w13 = moe.experts.gate_up_proj.detach().double().requires_grad_()
+    w2 = moe.experts.down_proj.detach().double().requires_grad_()
+    xd, out = x.double(), torch.zeros(x.shape, dtype=torch.float64)
+    for e in range(num_experts):
+        tok, slot = (r.expert_indices == e).nonzero(as_tuple=True)
+        gu = xd[tok] @ w13[e].t()
+        y = (torch.nn.functional.silu(gu[:, :HIDDEN]) * gu[:, HIDDEN:]) @ w2[e].t()
+        out = out.index_add(0, tok, y * r.expert_weights[tok, slot, None].double())
+    out.backward(g.double())
+    return {"experts.gate_up_proj": w13.grad, "experts.down_proj": w2.grad}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# gate_up_proj gradient under quantized dispatch, measured on these cases (fp8 and mxfp8
+# alike: D = 32 is one MX block, so both recipes pick the same scales here): relative error
+# vs the single process 1.6e-9 (2 processes) and 4.4e-7 (4 processes); vs float64 9.27e-2 /
+# 6.13e-2, the single process's own error to 4 digits (BF16 experts: 3.8e-3). With
+# power-of-two scales e4m3 rounding is "round to 4 significant bits" for every element in
+# e4m3's normal range, whatever the scale, so quantizing the dequantized rows along the
+# tokens differs from quantizing the originals only on elements below ~2**-15 of their
+# row's or column's amax (e4m3 subnormals). Bounds, with margin:
+QDISPATCH_VS_ONE_PROCESS = 1e-4
+QDISPATCH_VS_FP64_EXCESS = 1e-4  # added error vs float64, beyond the single process's own
+QDISPATCH_VS_FP64 = 0.15
+
+
+def case_quantized_dispatch(mesh, num_experts, recipe, sizes):
+    """quantize_dispatch=True: FP8/MXFP8 rows + scales cross the all-to-all.
+
+    Bitwise equal to the single-process MoE: the output (the experts' quantization along D
+    of the dequantized rows reproduces their values), the input and router gradients and
+    the down_proj gradient (none of them reads the activations' token-dim quantization).
+    gate_up_proj's gradient quantizes the dequantized rows along the tokens (a second
+    rounding): bounded against the single process and against float64."""
+    rank, ep = dist.get_rank(), dist.get_world_size()
+    ref_out, ref_gx, ref_grads = _reference(num_experts, recipe, sizes, spread=True)
+    with _AllToAllSpy() as spy:
+        moe, out, gx, pad_calls = _ep_step(
+            mesh, num_experts, recipe, sizes, convert_first=True, quantize_dispatch=True, spread=True
+        )
+    start, n = sum(sizes[:rank]), sizes[rank]
+    what = f"quantized dispatch recipe={recipe} sizes={sizes}"
+    assert torch.equal(out, ref_out[start: start + n]), f"forward differs: {what}"
+    assert torch.equal(gx, ref_gx[start: start + n]), f"input gradient differs: {what}"
+    assert pad_calls == 0, what
+    gw = moe.router.gate.weight.grad.float()
+    dist.all_reduce(gw)
+    ref_gw = ref_grads["router.gate.weight"].float()
+    assert (gw - ref_gw).norm() <= 2e-2 * ref_gw.norm(), f"router gradient differs: {what}"
+    e_local = num_experts // ep
+    shard = slice(rank * e_local, (rank + 1) * e_local)
+    grads = {name: p.grad.to_local() for name, p in moe.named_parameters() if name.startswith("experts.")}
+    assert torch.equal(grads["experts.down_proj"], ref_grads["experts.down_proj"][shard]), what
+    fp64 = _float64_expert_grads(num_experts, sizes, spread=True)
+    # norms over all ranks' shards together (a rank may hold only starved experts)
+    got = grads["experts.gate_up_proj"].double()
+    parts = torch.stack([
+        (got - ref_grads["experts.gate_up_proj"][shard].double()).norm() ** 2,
+        ref_grads["experts.gate_up_proj"][shard].double().norm() ** 2,
+        (got - fp64["experts.gate_up_proj"][shard]).norm() ** 2,
+        (ref_grads["experts.gate_up_proj"][shard].double() - fp64["experts.gate_up_proj"][shard]).norm() ** 2,
+        fp64["experts.gate_up_proj"][shard].norm() ** 2,
+    ])
+    dist.all_reduce(parts)
+    vs_one = (parts[0] / parts[1]).sqrt()
+    vs_fp64, one_vs_fp64 = (parts[2] / parts[4]).sqrt(), (parts[3] / parts[4]).sqrt()
+    if rank == 0:
+        print(f"[qdispatch] {recipe} ep={ep} gate_up grad rel err: vs 1 process {vs_one:.3e}, vs fp64 "
+              f"{vs_fp64:.3e} (1 process vs fp64 {one_vs_fp64:.3e})", flush=True)
+    assert vs_one < QDISPATCH_VS_ONE_PROCESS, f"gate_up_proj gradient vs 1 process {vs_one:.3e}: {what}"
+    assert vs_fp64 < QDISPATCH_VS_FP64, f"gate_up_proj gradient vs float64 {vs_fp64:.3e}: {what}"
+    assert vs_fp64 <= one_vs_fp64 + QDISPATCH_VS_FP64_EXCESS, f"{vs_fp64:.3e} vs {one_vs_fp64:.3e}: {what}"
+    # What crossed the wire: counts (int64), the dispatch as packed uint8 rows, the combine
+    # and both backward all-to-alls in bf16.
+    from moeq.parallel.quantized_dispatch import packed_row_bytes
+
+    row = (DIM + (4 if recipe == "fp8" else DIM // 32) + 15) // 16 * 16
+    assert packed_row_bytes(DIM, recipe) == row
+    plan = moe.expert_dispatcher.last_plan
+    rows_sent = [(dt, sh) for dt, sh in spy.sent if dt != torch.int64]
+    assert rows_sent == [
+        (torch.uint8, (plan.num_send, row)),
+        (torch.bfloat16, (plan.num_recv, DIM)),
+        (torch.bfloat16, (plan.num_send, DIM)),
+        (torch.bfloat16, (plan.num_recv, DIM)),
+    ], rows_sent
+
+
+def case_quantized_dispatch_bf16_ignored(mesh, num_experts, recipe, sizes):
+    # BF16 / unconverted experts: quantize_dispatch changes nothing (bitwise, bf16 rows sent)
+    with _AllToAllSpy() as spy:
+        _check_case(mesh, num_experts, recipe, sizes, convert_first=False, quantize_dispatch=True)
+    assert all(dt in (torch.int64, torch.bfloat16) for dt, _ in spy.sent), spy.sent
+
+
 def case_errors(mesh, num_experts, recipe, sizes):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -225,6 +354,18 @@ def case_errors(mesh, num_experts, recipe, sizes):
     x[:, 0] = x[:, 0].abs() + 1
     with pytest.raises(RuntimeError, match="different expert recipes"):
         moe(x)
+    with pytest.raises(ValueError, match="needs fused=True"):
+        moeq.apply_expert_parallel(_global_moe(num_experts), mesh, fused=False, quantize_dispatch=True)
+    from moeq.parallel import ExpertParallelDispatcher
+
+    with pytest.raises(ValueError, match="needs fused=True"):
+        ExpertParallelDispatcher(mesh, num_experts, fused=False, quantize_dispatch=True)
+    # One rank quantizes, the other does not: every rank raises at the count exchange.
+    moe = _global_moe(num_experts)
+    moeq.convert_model(moe, "fp8", kernel="emulated")
+    moeq.apply_expert_parallel(moe, mesh, quantize_dispatch=dist.get_rank() == 0)
+    with pytest.raises(RuntimeError, match=r"fp8 \(quantized dispatch\)"):
+        moe(x)
 
 
 # ---- tests --------------------------------------------------------------------------
@@ -242,6 +383,9 @@ def test_ep2():
             ("case_unfused", 4, "mxfp8", sizes),
             ("case_compile", 4, None, sizes),
             ("case_pad_spy_can_fail", 4, "fp8", sizes),
+            ("case_quantized_dispatch", 4, "fp8", sizes),
+            ("case_quantized_dispatch", 4, "mxfp8", sizes),
+            ("case_quantized_dispatch_bf16_ignored", 4, "bf16", sizes),
             ("case_errors", 4, None, sizes),
         ],
     )
@@ -257,5 +401,7 @@ def test_ep4():
             ("case_equivalence", 8, "mxfp8", sizes, True),
             ("case_unfused", 8, "fp8", sizes),
             ("case_fsdp", 8, "mxfp8", sizes),
+            ("case_quantized_dispatch", 8, "fp8", sizes),
+            ("case_quantized_dispatch", 8, "mxfp8", sizes),
         ],
     )

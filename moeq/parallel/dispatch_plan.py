@@ -27,6 +27,11 @@ def recipe_code(recipe_name: Optional[str]) -> int:
     return _RECIPE_CODES.index(recipe_name or UNCONVERTED)
 
 
+def _code_name(code: int) -> str:
+    quantized, base = divmod(code, len(_RECIPE_CODES))
+    return _RECIPE_CODES[base] + (" (quantized dispatch)" if quantized else "")
+
+
 @dataclasses.dataclass(frozen=True)
 class DispatchPlan:
     """One step's routing between the ranks of an EP group.
@@ -108,6 +113,7 @@ def build_plan(
     group: dist.ProcessGroup,
     alignment: Optional[int],
     recipe_name: Optional[str],
+    quantized: bool = False,
 ) -> DispatchPlan:
     """Exchange per-expert counts over the EP group and lay out the receive side.
 
@@ -118,6 +124,8 @@ def build_plan(
         alignment: group alignment the local experts' GEMMs need (None: none).
         recipe_name: this rank's experts recipe (None: unconverted); every rank must
             agree, checked here at no extra cost (the codes ride with the counts).
+        quantized: this rank sends quantized rows (quantized dispatch); every rank must
+            agree too (the packed rows' width depends on it), checked the same way.
     Returns:
         the :class:`DispatchPlan`. Host sync: exactly one device-to-host read, of
         ``ep + ep * (E / ep + 1)`` integers, after the counts all-to-all.
@@ -128,7 +136,7 @@ def build_plan(
     num_experts = num_tokens_per_expert.shape[0]
     e_local = num_experts // ep
     counts = num_tokens_per_expert.to(torch.int64).view(ep, e_local)
-    code = recipe_code(recipe_name)
+    code = recipe_code(recipe_name) + len(_RECIPE_CODES) * bool(quantized)
     header = torch.full((ep, 1), code, dtype=torch.int64, device=counts.device)
     send = torch.cat([counts, header], 1).reshape(-1)
     recv = torch.empty_like(send)
@@ -140,10 +148,11 @@ def build_plan(
     recv_host = [host[ep + s * (e_local + 1): ep + (s + 1) * (e_local + 1)] for s in range(ep)]
     codes = [row[-1] for row in recv_host]
     if any(c != code for c in codes):
-        names = ", ".join(f"rank {s}: {_RECIPE_CODES[c]}" for s, c in enumerate(codes))
+        names = ", ".join(f"rank {s}: {_code_name(c)}" for s, c in enumerate(codes))
         raise RuntimeError(
-            f"expert-parallel ranks run different expert recipes ({names}): call moeq.convert_model "
-            f"with the same recipe on every rank"
+            f"expert-parallel ranks run different expert recipes or dispatch modes ({names}): call "
+            f"moeq.convert_model with the same recipe, and apply_expert_parallel with the same "
+            f"quantize_dispatch, on every rank"
         )
     recv_counts_host = [row[:-1] for row in recv_host]
     a = alignment or 1

@@ -20,6 +20,12 @@ an :class:`ExpertParallelDispatcher`. Per step and per MoE the dispatcher:
 
 Steps 3 and 5 are a differentiable pair of autograd functions: each one's backward is
 the other's forward (gradients travel in the activations' precision).
+
+With ``quantize_dispatch=True`` and FP8/MXFP8 experts, step 3 sends quantized rows: each
+row is quantized along D with the experts' recipe and packed with its scales into one
+uint8 row (moeq/parallel/quantized_dispatch.py), one all-to-all moves them, and the
+receiver's gather pass dequantizes them into the padded layout (exact values, which the
+experts' own quantization along D reproduces). Its backward is step 3's, in bf16.
 """
 from __future__ import annotations
 
@@ -33,7 +39,8 @@ from moeq import padding as _padding  # registers the torch.ops.moeq row ops
 from moeq.experts import GroupedExperts
 from moeq.moe import MoE
 from moeq.parallel.dispatch_plan import DispatchPlan, build_plan
-from moeq.recipes import group_alignment
+from moeq.parallel.quantized_dispatch import QUANTIZED_RECIPES, pack_rows, unpack_to_padded
+from moeq.recipes import group_alignment, parse_recipe
 
 EP_DIM = "ep"
 
@@ -84,6 +91,25 @@ class _DispatchToPadded(torch.autograd.Function):
         return _all_to_all(grad_recv, plan.send_splits, plan.recv_splits, plan.group), None
 
 
+class _QuantizedDispatchToPadded(torch.autograd.Function):
+    """Quantize + pack rows, all_to_all_single the packed bytes, dequantize into the padded layout.
+
+    Backward: :class:`_DispatchToPadded`'s, in the gradient's precision (bf16): straight
+    through the quantization, as the recipes' GEMMs treat their own operand quantization."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: DispatchPlan, recipe: str) -> Tensor:
+        ctx.plan = plan
+        packed = pack_rows(x, recipe)
+        recv = _all_to_all(packed, plan.recv_splits, plan.send_splits, plan.group)
+        return unpack_to_padded(recv, plan.source_rows, x.shape[1], recipe)
+
+    @staticmethod
+    def backward(ctx, grad_padded: Tensor):
+        grad_x, _ = _DispatchToPadded.backward(ctx, grad_padded)
+        return grad_x, None, None
+
+
 class _CombineFromPadded(torch.autograd.Function):
     """Gather expert outputs from the padded layout, reverse all_to_all_single home.
 
@@ -119,13 +145,20 @@ class _AllToAll(torch.autograd.Function):
 # torch.compile: the host read of the counts and the all-to-alls with host split sizes
 # run eagerly (graph breaks here); the permute, experts and combine around them compile.
 @torch.compiler.disable
-def _plan(counts: Tensor, group, alignment: Optional[int], recipe_name: Optional[str]) -> DispatchPlan:
-    return build_plan(counts, group, alignment, recipe_name)
+def _plan(
+    counts: Tensor, group, alignment: Optional[int], recipe_name: Optional[str], quantized: bool = False
+) -> DispatchPlan:
+    return build_plan(counts, group, alignment, recipe_name, quantized)
 
 
 @torch.compiler.disable
 def _dispatch(x: Tensor, plan: DispatchPlan) -> Tensor:
     return _DispatchToPadded.apply(x, plan)
+
+
+@torch.compiler.disable
+def _dispatch_quantized(x: Tensor, plan: DispatchPlan, recipe: str) -> Tensor:
+    return _QuantizedDispatchToPadded.apply(x, plan, recipe)
 
 
 @torch.compiler.disable
@@ -160,14 +193,24 @@ class ExpertParallelDispatcher:
         fused: True (default): received rows land in the padded expert-major layout in
             one pass. False: the unfused baseline (all-to-all, then permute, then
             ``pad_token_groups``), kept for benchmarks/ep.py and the tests.
+        quantize_dispatch: send FP8/MXFP8 rows + scales instead of bf16 when the experts
+            run the "fp8" / "mxfp8" recipe (decided per call from the experts, so
+            ``convert_model`` may come later); ignored for BF16 / unconverted experts.
+            Needs ``fused=True``.
     """
 
-    def __init__(self, ep_mesh, num_experts: int, *, fused: bool = True):
+    def __init__(self, ep_mesh, num_experts: int, *, fused: bool = True, quantize_dispatch: bool = False):
+        if quantize_dispatch and not fused:
+            raise ValueError(
+                "quantize_dispatch=True needs fused=True: quantized rows are dequantized straight into the "
+                "experts' padded layout by the fused dispatch; the unfused baseline only moves bf16 rows"
+            )
         self.ep_mesh = ep_mesh
         self.group = ep_mesh.get_group()
         self.ep_size = ep_mesh.size()
         self.num_experts = num_experts
         self.fused = fused
+        self.quantize_dispatch = quantize_dispatch
         self.last_plan: Optional[DispatchPlan] = None  # for inspection / benchmarks
 
     def __call__(self, tokens: Tensor, expert_indices: Tensor, expert_weights: Tensor, experts: nn.Module) -> Tensor:
@@ -184,14 +227,21 @@ class ExpertParallelDispatcher:
         # Global-expert order is destination-rank order: this is the send buffer.
         send, counts, layout = _padding.permute_and_pad(tokens, expert_indices, self.num_experts, None)
         if self.fused:
-            plan = _plan(counts, self.group, align, recipe_name)
-            x = _dispatch(send, plan)
+            quantized = self.uses_quantized_dispatch(experts)
+            plan = _plan(counts, self.group, align, recipe_name, quantized)
+            x = _dispatch_quantized(send, plan, recipe_name) if quantized else _dispatch(send, plan)
             y = experts(x, plan.local_counts, group_alignment=align)
             home = _combine(y, plan)
         else:
             home = self._unfused(send, counts, experts, align, recipe_name)
         self.last_plan = plan if self.fused else None
         return _padding.combine_token_groups(home, layout, expert_weights)
+
+    def uses_quantized_dispatch(self, experts: nn.Module) -> bool:
+        """True when a call with these experts sends quantized rows (FP8/MXFP8 experts and
+        ``quantize_dispatch``)."""
+        recipe_name, _ = experts_recipe(experts)
+        return bool(self.quantize_dispatch and recipe_name and parse_recipe(recipe_name) in QUANTIZED_RECIPES)
 
     def _unfused(self, send, counts, experts, align, recipe_name):
         plan = _plan(counts, self.group, None, recipe_name)  # alignment 1: a pure permutation
@@ -242,7 +292,9 @@ def _shard_parameter(module: nn.Module, name: str, ep_mesh) -> None:
     module.register_parameter(name, nn.Parameter(sharded, requires_grad=p.requires_grad))
 
 
-def apply_expert_parallel(model: nn.Module, device_mesh, *, fused: bool = True) -> nn.Module:
+def apply_expert_parallel(
+    model: nn.Module, device_mesh, *, fused: bool = True, quantize_dispatch: bool = False
+) -> nn.Module:
     """Shard every ``moeq.MoE``'s and transformers experts module's routed experts over
     ``device_mesh["ep"]``, in place.
 
@@ -264,6 +316,11 @@ def apply_expert_parallel(model: nn.Module, device_mesh, *, fused: bool = True) 
             ``("dp", "ep")``); its device type must be the model's (NCCL on CUDA, gloo on CPU).
         fused: dispatch writes received tokens straight into the experts' padded layout
             (default). False selects the unfused baseline (for benchmarks).
+        quantize_dispatch: for experts converted to "fp8" / "mxfp8", quantize the routed
+            rows before the dispatch all-to-all (e4m3 + scales, about half of bf16's bytes)
+            and dequantize them into the padded layout on arrival; the experts' forward then
+            sees exactly the values it would have quantized itself. Ignored for BF16 /
+            unconverted experts. Needs ``fused=True``. See docs/expert_parallel.md.
     Returns:
         ``model``; ``model.moeq_expert_parallel_fqns`` lists the sharded MoE layers and
         transformers experts modules.
@@ -276,6 +333,11 @@ def apply_expert_parallel(model: nn.Module, device_mesh, *, fused: bool = True) 
         At run time, ranks whose experts run different recipes raise RuntimeError on the
         first forward (checked with the count exchange, at no extra cost).
     """
+    if quantize_dispatch and not fused:
+        raise ValueError(
+            "apply_expert_parallel(quantize_dispatch=True) needs fused=True: the quantized rows are "
+            "dequantized straight into the experts' padded layout by the fused dispatch"
+        )
     ep_mesh = _ep_mesh(device_mesh)
     ep = ep_mesh.size()
     from moeq.convert import _is_torchtitan_experts  # local: convert imports torchao
@@ -312,10 +374,14 @@ def apply_expert_parallel(model: nn.Module, device_mesh, *, fused: bool = True) 
             experts.__class__ = ShardedGroupedExperts
         _shard_parameter(experts, "gate_up_proj", ep_mesh)
         _shard_parameter(experts, "down_proj", ep_mesh)
-        moe.expert_dispatcher = ExpertParallelDispatcher(ep_mesh, moe.num_experts, fused=fused)
+        moe.expert_dispatcher = ExpertParallelDispatcher(
+            ep_mesh, moe.num_experts, fused=fused, quantize_dispatch=quantize_dispatch
+        )
     for (fqn, experts), names in zip(hf, hf_sharded):
         for name in names:
             _shard_parameter(experts, name, ep_mesh)
-        experts.moeq_expert_dispatcher = ExpertParallelDispatcher(ep_mesh, experts.num_experts, fused=fused)
+        experts.moeq_expert_dispatcher = ExpertParallelDispatcher(
+            ep_mesh, experts.num_experts, fused=fused, quantize_dispatch=quantize_dispatch
+        )
     model.moeq_expert_parallel_fqns = [fqn for fqn, _ in moes] + [fqn for fqn, _ in hf]
     return model
