@@ -237,6 +237,19 @@ def dispatch_only_ms(m, x, idx, args, device, quantized):
     return median_step_s(step, device, args.warmup, args.iters) * 1e3
 
 
+def a2a_only_ms(m, row_bytes, args, device):
+    """One all_to_all_single of the forward dispatch's rows alone (uint8 rows of
+    ``row_bytes``, the last step's split sizes): the transport's own time."""
+    plan = m.expert_dispatcher.last_plan
+    send = torch.randint(0, 255, (plan.num_send, row_bytes), dtype=torch.uint8, device=device)
+    recv = torch.empty((plan.num_recv, row_bytes), dtype=torch.uint8, device=device)
+
+    def step():
+        dist.all_to_all_single(recv, send, plan.recv_splits, plan.send_splits, group=plan.group)
+
+    return median_step_s(step, device, args.warmup, args.iters) * 1e3
+
+
 def bench_recipe(args, recipe, mesh, rank, world, device):
     base = build_moe(args, recipe, device)
     x, idx, w, gout = routing(args, rank, device)
@@ -298,6 +311,16 @@ def bench_recipe(args, recipe, mesh, rank, world, device):
         row[f"dispatch_fwd_mb{key}"], row[f"dispatch_fwd_remote_mb{key}"] = first, first_rem
         ms = dispatch_only_ms(variants[name], x, idx, args, device, quantized=name == "quantized")
         row[f"dispatch_fwd_ms{key}"] = max_over_ranks([ms], device)[0]
+        # the all-to-all alone, and its achieved rate for the bytes leaving each rank
+        if name == "quantized":
+            from moeq.parallel.quantized_dispatch import packed_row_bytes
+
+            row_bytes = packed_row_bytes(args.dim, recipe)
+        else:
+            row_bytes = args.dim * x.element_size()
+        a2a_ms = max_over_ranks([a2a_only_ms(variants[name], row_bytes, args, device)], device)[0]
+        row[f"a2a_fwd_ms{key}"] = a2a_ms
+        row[f"a2a_fwd_remote_GBps{key}"] = first_rem * mib / (a2a_ms * 1e-3) / 1e9 if a2a_ms > 0 else None
     if quantizable:
         from moeq.parallel.quantized_dispatch import packed_row_bytes
 
@@ -374,6 +397,24 @@ def markdown(rows, args, world, device_name):
                 f"{r['host_syncs_per_step_quantized']} | {r['quantized_equals_fused_fwd']} | "
                 f"{r['rel_err_quantized_vs_1gpu']:.2e} | {r['rel_err_quantized_vs_fp64']:.2e} |"
             )
+    arows = [r for r in rows if r.get("a2a_fwd_ms") is not None]
+    if arows:
+        lines += [
+            "",
+            "The forward dispatch's all-to-all alone (same split sizes, uint8 rows of the dispatch's row "
+            "size), median, max over ranks; rate = bytes each rank sends to OTHER ranks / time.",
+            "",
+            "| recipe | rows | a2a ms | MiB to other ranks | achieved GB/s per rank |",
+            "|---|---|---|---|---|",
+        ]
+        for r in arows:
+            for key, what in (("", "bf16"), ("_quantized", "packed")):
+                if r.get(f"a2a_fwd_ms{key}") is None:
+                    continue
+                lines.append(
+                    f"| {r['recipe']} | {what} | {r[f'a2a_fwd_ms{key}']:.3f} | {r[f'dispatch_fwd_remote_mb{key}']:.4g} | "
+                    f"{r[f'a2a_fwd_remote_GBps{key}'] or 0:.1f} |"
+                )
     return "\n".join(lines)
 
 
