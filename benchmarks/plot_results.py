@@ -130,79 +130,78 @@ def _ep_rows(path: str) -> tuple[dict, dict]:
     return d["meta"], {r["recipe"]: r for r in d["rows"]}
 
 
+# NVLink 4 on H200: 18 links per GPU (`nvidia-smi topo -m`: NV18), 900 GB/s both
+# directions together, so 450 GB/s that one GPU can send.
+NVLINK_SEND_GBPS = 450.0
+EP_RUNS = {  # shape label: {EP size: results file}
+    "Qwen3-30B-A3B-like (E=128, D=2048, H=768, top-8)": {
+        2: "qwen3_ep2_h200x4.json", 4: "qwen3_ep4_h200x4.json", 8: "qwen3_ep8_h200x8.json"},
+    "DeepSeek-V3-like (E=256, D=7168, H=2048, top-8)": {
+        2: "dsv3_ep2_h200x4.json", 4: "dsv3_ep4_h200x4.json", 8: "dsv3_ep8_h200x8.json"},
+}
+RECIPE_COLORS = {"bf16": "#4d4d4d", "fp8": "#a63603", "mxfp8": "#08519c"}
+
+
 def plot_ep(results_dir: str, out_path: str) -> None:
-    runs = OrderedDict()
-    for ep in (2, 4):
-        meta, rows = _ep_rows(os.path.join(results_dir, "ep", f"qwen3_ep{ep}_h200x4.json"))
-        runs[ep] = (meta, rows)
-    recipes = list(next(iter(runs.values()))[1])
-    meta0 = next(iter(runs.values()))[0]
-    a = meta0["args"]
-    routed_per_gpu = a["tokens"] * a["top_k"]  # routed (token, expert) rows leaving each GPU per step
-    for meta, _ in runs.values():
-        b = meta["args"]
-        assert (b["tokens"], b["top_k"], b["dim"], b["hidden"], b["experts"]) == (
-            a["tokens"], a["top_k"], a["dim"], a["hidden"], a["experts"]
-        ), "EP runs differ in more than the EP size"
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.2), dpi=110, gridspec_kw={"width_ratios": [2.2, 1]})
-    series = [(ep, kind) for ep in runs for kind in ("fused", "unfused")]
-    colors = {(2, "fused"): "#2171b5", (2, "unfused"): "#9ecae1", (4, "fused"): "#238b45", (4, "unfused"): "#a1d99b"}
-    width = 0.8 / len(series)
-    top = 0.0
-    for i, (ep, kind) in enumerate(series):
-        meta, rows = runs[ep]
-        xs = [j - 0.4 + (i + 0.5) * width for j in range(len(recipes))]
-        ys = [rows[r][f"ep_{kind}_ms"] / (routed_per_gpu / 1000) for r in recipes]
-        dp = meta["world"] // meta["ep"]
-        ax.bar(xs, ys, width * 0.92, color=colors[(ep, kind)], edgecolor="black", linewidth=0.4,
-               label=f"EP={ep} (dp={dp}), {kind} dispatch")
-        for x, y in zip(xs, ys):
-            ax.text(x, y + 0.002, f"{y:.3f}", ha="center", va="bottom", fontsize=8)
-        top = max(top, max(ys))
-    ax.set_xticks(range(len(recipes)))
-    ax.set_xticklabels(recipes)
-    ax.set_ylim(0, top * 1.25)
-    ax.set_ylabel(f"ms per 1k routed tokens per GPU\n(step ms / {routed_per_gpu:,} routed rows * 1000)")
-    ax.set_title(
-        f"Qwen3-like MoE layer on {meta0['world']} x {meta0['device']}: E={a['experts']} D={a['dim']} "
-        f"H={a['hidden']} top-{a['top_k']},\n{a['tokens']} tokens/GPU; fwd+bwd of dispatch + experts + combine "
-        "(lower is better)", fontsize=10,
-    )
-    ax.legend(fontsize=8, loc="upper left", ncol=2)
-    ax.grid(axis="y", alpha=0.3)
-
-    # Bytes are the same for every recipe (the dispatch moves BF16 rows).
-    labels, remote, local = [], [], []
-    for ep, (meta, rows) in runs.items():
-        r0 = rows[recipes[0]]
-        assert all(rows[r]["a2a_mb_per_rank_step"] == r0["a2a_mb_per_rank_step"] for r in recipes)
-        labels.append(f"EP={ep}")
-        remote.append(r0["a2a_remote_mb_per_rank_step"])
-        local.append(r0["a2a_mb_per_rank_step"] - r0["a2a_remote_mb_per_rank_step"])
-    ax2.bar(labels, remote, color="#d94801", edgecolor="black", linewidth=0.4, label="to other ranks")
-    ax2.bar(labels, local, bottom=remote, color="#fdd0a2", edgecolor="black", linewidth=0.4, label="to itself")
-    for i, (rm, lc) in enumerate(zip(remote, local)):
-        ax2.text(i, rm / 2, f"{rm:.0f}", ha="center", va="center", fontsize=9, color="white")
-        ax2.text(i, rm + lc + 10, f"{rm + lc:.0f} MiB", ha="center", va="bottom", fontsize=9)
-    ax2.set_ylim(0, max(r + l for r, l in zip(remote, local)) * 1.2)
-    ax2.set_ylabel("all-to-all MiB per rank per step")
-    ax2.set_title("all-to-all volume per rank\n(4 all-to-alls of BF16 rows, every recipe)", fontsize=10)
-    ax2.legend(fontsize=8, loc="upper left")
-    ax2.grid(axis="y", alpha=0.3)
+    fig, axes = plt.subplots(len(EP_RUNS), 2, figsize=(13, 9.5), dpi=110)
+    for row_axes, (label, files) in zip(axes, EP_RUNS.items()):
+        runs = {}
+        for ep, name in files.items():
+            path = os.path.join(results_dir, "ep", name)
+            if os.path.exists(path):
+                runs[ep] = _ep_rows(path)
+        eps = sorted(runs)
+        ax, ax2 = row_axes
+        for recipe, color in RECIPE_COLORS.items():
+            for kind, style in (("fused", "-o"), ("unfused", ":s")):
+                ys = [runs[ep][1][recipe][f"ep_{kind}_ms"] for ep in eps]
+                ax.plot(eps, ys, style, color=color, label=f"{recipe}, {kind} dispatch", alpha=1 if kind == "fused" else 0.6)
+            if all("ep_quantized_ms" in runs[ep][1][recipe] for ep in eps):
+                ys = [runs[ep][1][recipe]["ep_quantized_ms"] for ep in eps]
+                ax.plot(eps, ys, "--^", color=color, label=f"{recipe}, quantized dispatch", alpha=0.8)
+        tokens = runs[eps[0]][0]["args"]["tokens"]
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(eps)
+        ax.set_xticklabels([str(e) for e in eps])
+        ax.set_xlabel("EP size (GPUs; tokens per GPU fixed: weak scaling)")
+        ax.set_ylabel("ms per step (fwd+bwd of dispatch + experts + combine)")
+        ax.set_ylim(0, None)
+        ax.set_title(f"{label}, {tokens} tokens/GPU, H200\nflat = perfect weak scaling (lower is better)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=3, loc="lower left")
+        # all-to-all rate of the forward dispatch alone
+        for recipe, color in RECIPE_COLORS.items():
+            ys = [runs[ep][1][recipe].get("a2a_fwd_remote_GBps") for ep in eps]
+            if all(y is not None for y in ys):
+                ax2.plot(eps, ys, "-o", color=color, label=f"{recipe} run, bf16 rows")
+            ys = [runs[ep][1][recipe].get("a2a_fwd_remote_GBps_quantized") for ep in eps]
+            if all(y is not None for y in ys):
+                ax2.plot(eps, ys, "--^", color=color, label=f"{recipe} run, packed {recipe} rows")
+        ax2.axhline(NVLINK_SEND_GBPS, color="green", linestyle="--", linewidth=1)
+        ax2.text(eps[0], NVLINK_SEND_GBPS, " NVLink 4 x18, one direction: 450 GB/s", va="bottom", fontsize=8, color="green")
+        ax2.set_xscale("log", base=2)
+        ax2.set_xticks(eps)
+        ax2.set_xticklabels([str(e) for e in eps])
+        ax2.set_ylim(0, NVLINK_SEND_GBPS * 1.15)
+        ax2.set_xlabel("EP size")
+        ax2.set_ylabel("GB/s each rank sends to other ranks")
+        ax2.set_title("forward dispatch all-to-all alone: achieved rate", fontsize=10)
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out_path)
     plt.close(fig)
-
-    print(f"{out_path}: ({routed_per_gpu} routed rows per GPU per step)")
-    for ep, (meta, rows) in runs.items():
-        for r in recipes:
-            row = rows[r]
-            print(f"  EP={ep} {r:6s} fused {row['ep_fused_ms']:.3f} ms "
-                  f"({row['ep_fused_ms'] / routed_per_gpu * 1000:.4f} ms/1k), unfused {row['ep_unfused_ms']:.3f} ms "
-                  f"({row['ep_unfused_ms'] / routed_per_gpu * 1000:.4f} ms/1k), a2a {row['a2a_mb_per_rank_step']:.0f} MiB "
-                  f"({row['a2a_remote_mb_per_rank_step']:.1f} remote)")
-    print("  no all-to-all time in the JSON: achieved all-to-all bandwidth not computed")
+    print(f"{out_path}:")
+    for label, files in EP_RUNS.items():
+        for ep, name in files.items():
+            path = os.path.join(results_dir, "ep", name)
+            if not os.path.exists(path):
+                print(f"  {label} EP={ep}: missing {name}")
+                continue
+            _, rows = _ep_rows(path)
+            for r, row in rows.items():
+                print(f"  {label[:6]} EP={ep} {r:6s} fused {row['ep_fused_ms']:.2f} unfused {row['ep_unfused_ms']:.2f} "
+                      f"a2a {row.get('a2a_fwd_remote_GBps') or float('nan'):.0f} GB/s")
 
 
 def main(argv=None) -> None:
