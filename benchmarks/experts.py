@@ -346,14 +346,19 @@ def markdown(rows, device):
     return "\n".join(out) + "\n"
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=[s for s in SHAPES if s != "tiny"], choices=list(SHAPES))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+def parse_bench_args(doc, shapes, variants, argv=None):
+    """The shared command line of the experts-level benchmarks."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=[s for s in shapes if s != "tiny"], choices=list(shapes))
+    p.add_argument("--variants", nargs="+", default=list(variants), choices=list(variants))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke-test the script only")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_bench_args(__doc__, SHAPES, VARIANTS, argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/experts.py needs a CUDA GPU (or --device cpu --shapes tiny to smoke-test it)")
     run_and_write(args, "experts", run_shape, SHAPES, markdown)

@@ -19,7 +19,6 @@ Writes ``moe_layer_<gpu>.json`` / ``.md`` under --out (default benchmarks/result
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from experts import _bench, _sync, compiled, make_torchao, rel, run_and_write  # noqa: E402
+from experts import _bench, _sync, compiled, make_torchao, parse_bench_args, rel, run_and_write  # noqa: E402
 
 SHAPES = {  # name: (E, D, H, tokens T, top-k); routed rows M = T * k as in experts.py
     "mixtral_8x7b": (8, 4096, 14336, 8192, 2),
@@ -231,13 +230,7 @@ def markdown(rows, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=[s for s in SHAPES if s != "tiny"], choices=list(SHAPES))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = p.parse_args(argv)
+    args = parse_bench_args(__doc__, SHAPES, VARIANTS, argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/moe_layer.py needs a CUDA GPU (or --device cpu --shapes tiny)")
     run_and_write(args, "moe_layer", run_shape, SHAPES, markdown)
