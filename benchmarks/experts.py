@@ -293,17 +293,25 @@ def run_shape(name, shape, variants, seed, log, dev="cuda"):
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         if dev == "cuda":
             torch.cuda.empty_cache()
-    base = next((r.get("ms") for r in rows if r["variant"] == BASELINE), None)
+    best_bf16 = add_speeds(rows, BASELINE)
+    for r in rows:
+        if "ms_amortized" in r and best_bf16:
+            r["speed_amortized_vs_best_bf16"] = best_bf16 / r["ms_amortized"]
+        r["tflops"] = 3 * 2 * M * D * H * 3 / r["ms"] / 1e9 if "ms" in r else None
+    return rows
+
+
+def add_speeds(rows, baseline):
+    """Set each row's speed vs the ``baseline`` variant and vs the fastest BF16 variant of
+    the same shape (rows of one shape); returns that fastest BF16 time (ms) or None."""
+    base = next((r.get("ms") for r in rows if r["variant"] == baseline), None)
     best_bf16 = min((r["ms"] for r in rows if "bf16" in r["variant"] and "ms" in r), default=None)
     for r in rows:
         if "ms" in r and base:
             r["speed_vs_bf16_3gemm"] = base / r["ms"]
         if "ms" in r and best_bf16:
             r["speed_vs_best_bf16"] = best_bf16 / r["ms"]
-        if "ms_amortized" in r and best_bf16:
-            r["speed_amortized_vs_best_bf16"] = best_bf16 / r["ms_amortized"]
-        r["tflops"] = 3 * 2 * M * D * H * 3 / r["ms"] / 1e9 if "ms" in r else None
-    return rows
+    return best_bf16
 
 
 def markdown(rows, device):

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from experts import _bench, _sync, compiled, make_torchao, parse_bench_args, rel, run_and_write  # noqa: E402
+from experts import (  # noqa: E402
+    _bench, _sync, add_speeds, compiled, make_torchao, parse_bench_args, rel, run_and_write,
+)
 
 SHAPES = {  # name: (E, D, H, tokens T, top-k); routed rows M = T * k as in experts.py
     "mixtral_8x7b": (8, 4096, 14336, 8192, 2),
@@ -196,13 +198,7 @@ def run_shape(name, shape, variants, seed, log, dev):
             if r["variant"] == FUSED_MX:
                 r["bitwise_equal_to_unfused"] = same
         print(f"# {name}: routed mxfp8 bitwise equal to permute-then-experts: {same}", flush=True)
-    base = next((r.get("ms") for r in rows if r["variant"] == BASELINE), None)
-    best_bf16 = min((r["ms"] for r in rows if "bf16" in r["variant"] and "ms" in r), default=None)
-    for r in rows:
-        if "ms" in r and base:
-            r["speed_vs_bf16_3gemm"] = base / r["ms"]
-        if "ms" in r and best_bf16:
-            r["speed_vs_best_bf16"] = best_bf16 / r["ms"]
+    add_speeds(rows, BASELINE)
     return rows
 
 
