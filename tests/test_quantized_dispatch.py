@@ -213,7 +213,7 @@ def _run_interpreter_checks():
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("d", [2048, 7168])
 def test_gpu_triton_matches_reference_without_host_sync(recipe, d):
-    _twin_checks(recipe, 300, d, 520, seed=d)
+    _twin_checks(recipe, 300, d, 520, seed=d, device="cuda")
     x = rows(300, d, 1, "cuda")
     src = torch.randint(-1, 300, (520,), device="cuda", dtype=torch.int32)
     torch.cuda.set_sync_debug_mode("error")
