@@ -18,8 +18,10 @@ Numerics: exactly the experts' own quantization of activations along D, bitwise:
 ``moeq.quant.fp8_rowwise.fp8_rowwise_quantize`` (power-of-two scale per row, computed from
 amax's bits) and ``moeq.quant.mxfp8.mxfp8_quantize`` (RCEIL e8m0 per 32, torchao
 ``to_mx`` RCEIL). The references below are those functions; the Triton kernels match them
-bitwise on bf16 inputs (tests: finite rows, and rows holding NaN/Inf, whose elements stay
-NaN / non-finite as in the experts' own quantization). Dequantization ``e4m3 * 2**k`` is exact in
+bitwise on bf16 inputs (tests: finite rows, and rows holding NaN/Inf). FP8: an Inf element
+is packed as the e4m3 NaN code on every device (torch's own float8 cast saturates Inf to 448
+on CPU and gives NaN on CUDA; the dispatch pins NaN so a non-finite token is never passed on
+as a finite value). Dequantization ``e4m3 * 2**k`` is exact in
 bf16 (MXFP8: except blocks with amax below ~2**-118, which underflow bf16's subnormals).
 
 Kernels run on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (tests). The interpreter's
@@ -140,6 +142,9 @@ def pack_rows_reference(x: Tensor, recipe) -> Tensor:
         return out
     if q is QuantizationType.FP8:
         data, scale = fp8_rowwise_quantize(x, -1)
+        # torch's float8 cast of +-Inf is NaN on CUDA but saturates to +-448 on CPU: pin the
+        # device-independent answer, NaN (an Inf token poisons its outputs, never silently finite)
+        data = torch.where(x.isinf(), torch.full_like(data, float("nan")), data)
         sbytes = scale.contiguous().view(torch.uint8)  # (N, 4), little-endian float32
     else:
         data, scale = mxfp8_quantize(x, -1)
@@ -220,9 +225,9 @@ if HAS_TRITON:
             m = rmask[:, None] & (cols < D)[None, :]
             v = tl.load(x_ptr + r64[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
             y = v * mult[:, None]
-            # |y| <= 448 for finite rows by construction; +-Inf saturates to +-448 and NaN stays
-            # NaN, as torch's float8 cast (and cvt.rn.satfinite) does
-            y = tl.where(y > 448.0, 448.0, tl.where(y < -448.0, -448.0, y))
+            # |y| <= 448 for finite rows by construction; +-Inf becomes NaN (the reference's
+            # device-independent choice: torch's cast saturates on CPU, gives NaN on CUDA)
+            y = tl.where(tl.abs(y) > 448.0, float("nan"), y)
             tl.store(out_ptr + r64[:, None] * R + cols[None, :], _e4m3_bits(y, HW), mask=m)
         # tail: [D, D+4) the float32 scale, then zeros up to R (whole int32 words: D % 16 == 0)
         TW: tl.constexpr = (R - D) // 4
