@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeq.padding import combine_token_groups, permute_and_pad
 from moeq.padding_policy import local_tensor
 
 # The one place backend names live.
@@ -262,8 +263,6 @@ class GroupedExperts(nn.Module):
         Tokens are laid out in this module's ``group_alignment`` in the same pass, so its
         GEMMs never pad again. Quantized subclasses may fuse more (see moeq.convert).
         """
-        from moeq.padding import combine_token_groups, permute_and_pad
-
         alignment = self.group_alignment
         grouped, counts, layout = permute_and_pad(tokens, expert_indices, self.num_experts, alignment)
         out = self(grouped, counts, group_alignment=alignment)

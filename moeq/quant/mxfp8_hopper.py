@@ -42,6 +42,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from moeq.kernels import mxfp8_hopper as _k
+from moeq.padding import combine_token_groups, route_tokens
 from moeq.quant.groups import zero_slack_rows
 from moeq.quant.mxfp8 import MX_BLOCK_SIZE, mxfp8_fake_quantize
 from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
@@ -341,8 +342,6 @@ def mxfp8_routed_swiglu_experts(
     Returns:
         (T, D) in tokens.dtype. Differentiable w.r.t. tokens, expert_weights and weights.
     """
-    from moeq.padding import combine_token_groups, route_tokens
-
     if tokens.dtype != torch.bfloat16:
         raise TypeError(
             f"mxfp8_routed_swiglu_experts needs bfloat16 tokens, got {tokens.dtype}: use permute_and_pad + "
