@@ -103,12 +103,22 @@ def make_inputs(T, k, E, D, seed):
     return x, ids, weights, counts, xg, order
 
 
+EAGER_REPEATS = 5
+
+
 def bench(fn, graph=False):
+    """Median ms. Eager: the median of EAGER_REPEATS do_bench medians (the device host's
+    launch cost moves between windows); the spread is kept in SPREAD[fn]."""
     from triton.testing import do_bench, do_bench_cudagraph
 
     if graph:
         return do_bench_cudagraph(fn, rep=100, return_mode="median")
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    ts = sorted(do_bench(fn, warmup=25, rep=100, return_mode="median") for _ in range(EAGER_REPEATS))
+    SPREAD[fn] = (ts[0], ts[-1])
+    return ts[len(ts) // 2]
+
+
+SPREAD = {}
 
 
 def torchao_fns():
@@ -252,14 +262,7 @@ def host_overhead(a):
     pp, _, lay = permute_and_pad(x, ids, E, a)
     padded, layout = pad_token_groups(xg, counts, a)
 
-    class PermuteFn(torch.autograd.Function):  # what a plain autograd.Function wrapper would cost
-        @staticmethod
-        def forward(ctx, x):
-            return kp.permute_and_pad_triton(x, ids, E, a, rows)[0]
-
-        @staticmethod
-        def backward(ctx, g):
-            return None
+    xr = x.detach().requires_grad_()
 
     cases = {
         "pad (public)": lambda: pad_token_groups(xg, counts, a),
@@ -270,7 +273,7 @@ def host_overhead(a):
             x, ids, E, a, rows
         ),
         "permute_and_pad (kernel launchers only)": lambda: kp.permute_and_pad_triton(x, ids, E, a, rows),
-        "permute_and_pad (autograd.Function + launchers)": lambda: PermuteFn.apply(x),
+        "permute_and_pad (public, x requires grad)": lambda: permute_and_pad(xr, ids, E, a),
         "combine (public)": lambda: combine_token_groups(y, lay, w),
         "combine (the custom op alone, no validation)": lambda: torch.ops.moeq.combine_token_groups(
             y, lay.dest_rows, lay.source_rows, w, k
@@ -284,12 +287,16 @@ def host_overhead(a):
         for _ in range(20):
             fn()
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(300):
-            fn()
-        torch.cuda.synchronize()
-        res[name] = round((time.perf_counter() - t0) / 300 * 1e6, 1)
-        log(f"  host: {name}: {res[name]} us/call")
+        ts = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(300):
+                fn()
+            torch.cuda.synchronize()
+            ts.append((time.perf_counter() - t0) / 300 * 1e6)
+        ts.sort()
+        res[name] = (round(ts[0], 1), round(ts[2], 1))
+        log(f"  host: {name}: min {res[name][0]} / median {res[name][1]} us/call")
     return res
 
 
@@ -312,7 +319,14 @@ def time_shape(name, a, x, ids, weights, counts, xg, order, ao):
     r["pad_ms"] = bench(lambda: pad_token_groups(xg, counts, a))
     r["pad_kernel_ms"] = bench(lambda: kp.pad_triton(xg, counts, a, rows))
     r["unpad_ms"] = bench(lambda: unpad_token_groups(padded, layout))
-    r["permute_pad_ms"] = bench(lambda: permute_and_pad(x, ids, E, a))
+    fn_permute = lambda: permute_and_pad(x, ids, E, a)  # noqa: E731
+    r["permute_pad_ms"] = bench(fn_permute)
+    r["permute_pad_spread_ms"] = SPREAD[fn_permute]
+    # as in training: x requires grad, so the autograd node is recorded too
+    xr = x.detach().requires_grad_()
+    fn_permute_grad = lambda: permute_and_pad(xr, ids, E, a)  # noqa: E731
+    r["permute_pad_grad_ms"] = bench(fn_permute_grad)
+    r["permute_pad_grad_spread_ms"] = SPREAD[fn_permute_grad]
     r["combine_ms"] = bench(lambda: combine_token_groups(y, lay, weights))
     # device time alone (CUDA graph replay)
     r["copy_graph_ms"] = bench(lambda: xg.clone(), graph=True)
@@ -341,6 +355,7 @@ def time_shape(name, a, x, ids, weights, counts, xg, order, ao):
     r["pad_GBps"] = (M * D + rows * D) * es / r["pad_ms"] / 1e6
     r["copy_GBps"] = 2 * M * D * es / r["copy_ms"] / 1e6
     r["pad_rows_used"] = total
+    r["permute_pad_grad_x_copy"] = r["permute_pad_grad_ms"] / r["copy_ms"]
     for op in ("pad", "unpad", "permute_pad", "combine"):
         r[f"{op}_x_copy"] = r[f"{op}_ms"] / r["copy_ms"]
         r[f"{op}_graph_x_copy"] = r[f"{op}_graph_ms"] / r["copy_graph_ms"]
@@ -361,10 +376,11 @@ def markdown(rows, checks, env, sweep_res, cfgs, diag=None):
     L.append(f"Kernel tiles: copy {cfgs[0]}, combine {cfgs[1]}.\n")
     L.append("## Eager (what a training step pays without CUDA graphs)\n")
     L.append(
-        "| shape | a | M | D | E | copy | pad (x copy) | unpad (x copy) | permute+pad (x copy) | combine (x copy) "
+        "| shape | a | M | D | E | copy | pad (x copy) | unpad (x copy) | permute+pad (x copy) "
+        "| permute+pad, x requires grad (x copy) | combine (x copy) "
         "| torchao torch pad (x copy) | torchao torch unpad (x copy) | torch argsort+gather, no pad | torch gather+sum combine |"
     )
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["copy_ms"]
 
@@ -374,9 +390,19 @@ def markdown(rows, checks, env, sweep_res, cfgs, diag=None):
 
         L.append(
             f"| {r['shape']} | {r['alignment']} | {r['M']} | {r['D']} | {r['E']} | {c:.3f} | {f('pad_ms')} | "
-            f"{f('unpad_ms')} | {f('permute_pad_ms')} | {f('combine_ms')} | {f('torchao_torch_pad_ms')} | "
+            f"{f('unpad_ms')} | {f('permute_pad_ms')} | {f('permute_pad_grad_ms')} | {f('combine_ms')} | "
+            f"{f('torchao_torch_pad_ms')} | "
             f"{f('torchao_torch_unpad_ms')} | {f('torch_permute_nopad_ms')} | {f('torch_combine_ms')} |"
         )
+    L.append(
+        f"\nEager times are the median of {EAGER_REPEATS} `do_bench` runs (each a median); their spread, "
+        "min-max in x copy, for permute+pad (x plain / x requiring grad):\n"
+    )
+    for r in rows:
+        c = r["copy_ms"]
+        lo, hi = r["permute_pad_spread_ms"]
+        glo, ghi = r["permute_pad_grad_spread_ms"]
+        L.append(f"- {r['shape']} a={r['alignment']}: {lo / c:.2f}-{hi / c:.2f}x / {glo / c:.2f}-{ghi / c:.2f}x")
     L.append("\n## CUDA-graph replay (device time only; moeq ops never sync, so they capture)\n")
     L.append("| shape | a | copy | pad (x copy) | unpad (x copy) | permute+pad (x copy) | combine (x copy) | pad kernel alone, eager |")
     L.append("|---|---|---|---|---|---|---|---|")
@@ -395,7 +421,10 @@ def markdown(rows, checks, env, sweep_res, cfgs, diag=None):
         L.append(f"- {key}: {'OK' if ok else 'FAILED'} `{json.dumps(chk)}`")
     if diag:
         L.append("\n## Where the time goes (alignment 32)\n")
-        L.append("Host cost per call on a tiny problem (T=128, k=8, E=64, D=256; launch-bound), microseconds:\n")
+        L.append(
+            "Host cost per call on a tiny problem (T=128, k=8, E=64, D=256; launch-bound), microseconds, "
+            "min / median of 5 runs of 300 calls:\n"
+        )
         for kk, v in diag["host_us"].items():
             L.append(f"- {kk}: {v}")
         L.append("\nDevice time per kernel of one permute-and-pad + one combine (torch.profiler, us per call):\n")

@@ -411,7 +411,6 @@ if HAS_TRITON:
         BLOCK_E: tl.constexpr,
         PREFIX_IN_KERNEL: tl.constexpr,
         BLOCK_NB: tl.constexpr,
-        COUNT_BLOCKS: tl.constexpr,
     ):
         # dest[f] = group_start[e] + (copies of e in earlier blocks) + (earlier copies of
         # e in this block): a stable counting sort without a sort.
@@ -419,18 +418,7 @@ if HAS_TRITON:
         e = tl.arange(0, BLOCK_E)
         emask = e < E
         col = e * num_blocks + pid
-        if COUNT_BLOCKS > 0:
-            # very few blocks: every program histograms them all itself (no count launch)
-            c = tl.zeros([BLOCK_E], dtype=tl.int32)
-            before = tl.zeros([BLOCK_E], dtype=tl.int32)
-            for b in tl.static_range(COUNT_BLOCKS):
-                fb = b * BLOCK_F + tl.arange(0, BLOCK_F)
-                idb = tl.load(ids_ptr + fb, mask=fb < F, other=-1).to(tl.int64)
-                hb = tl.sum((idb[:, None] == e[None, :].to(tl.int64)).to(tl.int32), axis=0)
-                hb = tl.where(emask, hb, 0)  # out-of-range ids count nowhere: the ok flag fails
-                c += hb
-                before += tl.where(b < pid, hb, 0)
-        elif PREFIX_IN_KERNEL:
+        if PREFIX_IN_KERNEL:
             # few blocks: every program sums the (E, num_blocks) histograms itself, which
             # saves the prefix-sum launch (host launch cost dominates small problems)
             b = tl.arange(0, BLOCK_NB)
@@ -742,23 +730,40 @@ def unpad_triton(
 # The index kernel sums the block histograms itself up to this many (expert, block)
 # entries; above it a torch.cumsum launch is cheaper than every program re-reading them.
 _PREFIX_IN_KERNEL_MAX = 4096
-# Up to this many blocks every program of the index kernel also counts all the blocks
-# itself (a few microseconds of device time for one launch less: small routings are
-# host-bound). The block count is a compile-time constant: at most this many variants.
-_COUNT_IN_KERNEL_MAX_BLOCKS = 16
+# Launch plans of the route kernels: "prefix_in_kernel" (block histograms, then the
+# index kernel sums the (E x blocks) prefix itself: two launches) while that table is
+# small, else "cumsum" (block histograms, torch.cumsum, index kernel: three launches).
+# A one-launch plan where every program histograms the whole routing itself was measured
+# on the H100 and dropped: 15-70 us of device time against 5-8 us for two launches, and
+# no better eager time (benchmarks/results/padding_h100.md).
+ROUTE_PLANS = ("prefix_in_kernel", "cumsum")
+_PREFIX_IN_KERNEL_MAX = 8192
+# Entries per program of the route kernels (the one-hot rank tile is BLOCK_F x BLOCK_E;
+# 128 was fastest on the Mixtral and DeepSeek-V3 shapes, H100).
+ROUTE_BLOCK_F = 128
+
+
+def _route_plan(num_blocks: int, block_e: int) -> str:
+    return "prefix_in_kernel" if block_e * _next_pow2(num_blocks) <= _PREFIX_IN_KERNEL_MAX else "cumsum"
 
 
 def route_triton(
-    expert_indices: Tensor, num_experts: int, alignment: int, num_out_rows: int, *, fill_source_rows: bool = True
+    expert_indices: Tensor,
+    num_experts: int,
+    alignment: int,
+    num_out_rows: int,
+    *,
+    fill_source_rows: bool = True,
+    plan: Optional[str] = None,
+    block_f: Optional[int] = None,
 ):
     """Triton twin of :func:`route_reference`, plus ``ok`` (1,) int32: 1 iff every index is
     in [0, num_experts).
 
-    One launch for up to ``_COUNT_IN_KERNEL_MAX_BLOCKS`` blocks (each program counts every
-    block itself), two when the (experts x blocks) histogram is small (block histograms,
-    then destination rows with the prefix over blocks summed in-kernel), three otherwise
-    (a torch.cumsum between). ``fill_source_rows=False`` leaves padding and slack entries of
-    ``source_rows`` unwritten, for callers whose next kernel writes them (one launch less).
+    ``plan`` (one of ``ROUTE_PLANS``; default: picked from the size) sets the launches:
+    two or three. ``fill_source_rows=False`` leaves padding and slack entries of
+    ``source_rows`` unwritten, for callers whose next kernel writes them (one launch
+    less). ``block_f`` overrides the tile (tests, benchmarks).
     """
     T, k = expert_indices.shape
     F = T * k
@@ -766,8 +771,15 @@ def route_triton(
     dev = expert_indices.device
     ids = expert_indices.contiguous().view(-1)
     block_e = _block_e(E)
-    block_f = max(16, min(1024, 8192 // block_e, _next_pow2(max(F, 1))))
+    if block_f is None:
+        block_f = ROUTE_BLOCK_F
+    # the one-hot rank tile (BLOCK_F x BLOCK_E) stays at most 8192 entries
+    block_f = max(16, min(block_f, 8192 // block_e, _next_pow2(max(F, 1))))
     num_blocks = max(1, _cdiv(F, block_f))
+    if plan is None:
+        plan = _route_plan(num_blocks, block_e)
+    if plan not in ROUTE_PLANS:
+        raise ValueError(f"plan must be one of {ROUTE_PLANS}, got {plan!r}")
     counts = torch.empty(E, dtype=torch.int64, device=dev)
     # separate buffers: custom ops may not return views of one another
     offs = torch.empty(E, dtype=torch.int32, device=dev)
@@ -779,15 +791,10 @@ def route_triton(
     else:
         source_rows = torch.empty(num_out_rows, dtype=torch.int32, device=dev)
     ids_arg = _nonempty(ids)
-    count_blocks = num_blocks if num_blocks <= _COUNT_IN_KERNEL_MAX_BLOCKS else 0
-    block_nb = _next_pow2(num_blocks)
-    in_kernel = block_e * block_nb <= _PREFIX_IN_KERNEL_MAX
-    if count_blocks:
-        block_counts = incl = ids_arg  # unused
-    else:
-        block_counts = torch.empty((E, num_blocks), dtype=torch.int32, device=dev)
-        _route_count_kernel[(num_blocks,)](ids_arg, block_counts, F, E, num_blocks, BLOCK_F=block_f, BLOCK_E=block_e)
-        incl = block_counts if in_kernel else torch.cumsum(block_counts, 1, dtype=torch.int32)
+    block_nb = _next_pow2(num_blocks) if plan == "prefix_in_kernel" else 1
+    block_counts = torch.empty((E, num_blocks), dtype=torch.int32, device=dev)
+    _route_count_kernel[(num_blocks,)](ids_arg, block_counts, F, E, num_blocks, BLOCK_F=block_f, BLOCK_E=block_e)
+    incl = block_counts if plan == "prefix_in_kernel" else torch.cumsum(block_counts, 1, dtype=torch.int32)
     _route_index_kernel[(num_blocks,)](
         ids_arg,
         block_counts,
@@ -805,9 +812,8 @@ def route_triton(
         ALIGN=alignment,
         BLOCK_F=block_f,
         BLOCK_E=block_e,
-        PREFIX_IN_KERNEL=in_kernel,
-        BLOCK_NB=block_nb if in_kernel else 1,
-        COUNT_BLOCKS=count_blocks,
+        PREFIX_IN_KERNEL=plan == "prefix_in_kernel",
+        BLOCK_NB=block_nb,
     )
     return counts, offs, starts, dest, source_rows, ok
 

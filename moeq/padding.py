@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from moeq.eager_ops import eager_fast_op
 from moeq.kernels import padding as _k
 
 __all__ = [
@@ -168,13 +169,15 @@ def _(x, counts, alignment, num_out_rows):
     )
 
 
-@torch.library.custom_op("moeq::pad_rows", mutates_args=())
-def _pad_rows_op(
+def _pad_rows_impl(
     x: Tensor, counts: Tensor, source_rows: Optional[Tensor], alignment: int, num_out_rows: int, top_k: int
 ) -> Tensor:
     if _use_triton(x):
         return _k.pad_rows_triton(x, counts, alignment, num_out_rows, source_rows, top_k)
     return _k.pad_rows_reference(x, counts, alignment, num_out_rows, source_rows, top_k)
+
+
+_pad_rows_op = torch.library.custom_op("moeq::pad_rows", _pad_rows_impl, mutates_args=())
 
 
 @_pad_rows_op.register_fake
@@ -272,8 +275,7 @@ def _(y, dest_rows, source_rows, weights, top_k):
     return y.new_empty((dest_rows.shape[0] // top_k, y.shape[1]))
 
 
-@torch.library.custom_op("moeq::combine_token_groups_backward", mutates_args=())
-def _combine_bwd_op(
+def _combine_bwd_impl(
     grad_out: Tensor,
     y: Tensor,
     dest_rows: Tensor,
@@ -285,6 +287,11 @@ def _combine_bwd_op(
 ) -> Tuple[Tensor, Tensor]:
     fn = _k.combine_backward_triton if _use_triton(y) else _k.combine_backward_reference
     return fn(grad_out, y, dest_rows, source_rows, weights, top_k, need_grad_y, need_grad_w)
+
+
+_combine_bwd_op = torch.library.custom_op(
+    "moeq::combine_token_groups_backward", _combine_bwd_impl, mutates_args=()
+)
 
 
 @_combine_bwd_op.register_fake
@@ -306,7 +313,7 @@ def _pad_setup(ctx, inputs, output):
 
 def _pad_backward(ctx, grad_padded, _g_offs, _g_starts):
     (counts,) = ctx.saved_tensors
-    grad_x = _unpad_op(grad_padded, counts, None, None, ctx.alignment, ctx.num_rows)
+    grad_x = _unpad(grad_padded, counts, None, None, ctx.alignment, ctx.num_rows)
     return grad_x, None, None, None
 
 
@@ -321,7 +328,7 @@ def _unpad_setup(ctx, inputs, output):
 
 def _unpad_backward(ctx, grad_out):
     counts, source_rows = ctx.saved_tensors
-    grad_padded = _pad_rows_op(grad_out, counts, source_rows, ctx.alignment, ctx.num_padded, 1)
+    grad_padded = _pad_rows(grad_out, counts, source_rows, ctx.alignment, ctx.num_padded, 1)
     return grad_padded, None, None, None, None, None
 
 
@@ -337,7 +344,7 @@ def _permute_setup(ctx, inputs, output):
 
 def _permute_backward(ctx, grad_padded, *_):
     dest_rows, source_rows = ctx.saved_tensors
-    grad_x = _combine_op(grad_padded, dest_rows, source_rows, None, ctx.top_k)  # sum over the k copies
+    grad_x = _combine(grad_padded, dest_rows, source_rows, None, ctx.top_k)  # sum over the k copies
     return grad_x, None, None, None, None
 
 
@@ -353,11 +360,21 @@ def _combine_setup(ctx, inputs, output):
 def _combine_backward(ctx, grad_out):
     y, dest_rows, source_rows, weights = ctx.saved_tensors
     need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-    grad_y, grad_w = _combine_bwd_op(grad_out, y, dest_rows, source_rows, weights, ctx.top_k, need_y, need_w)
+    grad_y, grad_w = _combine_bwd(grad_out, y, dest_rows, source_rows, weights, ctx.top_k, need_y, need_w)
     return (grad_y if need_y else None), None, None, (grad_w if need_w else None), None
 
 
 _combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
+
+# What the public functions and the backward functions call: the ops' implementations
+# directly in plain eager mode (see moeq.eager_ops), the custom ops otherwise.
+_pad = eager_fast_op(_pad_op, _pad_impl, _pad_backward, _pad_setup)
+_pad_rows = eager_fast_op(_pad_rows_op, _pad_rows_impl)
+_unpad = eager_fast_op(_unpad_op, _unpad_impl, _unpad_backward, _unpad_setup)
+_permute = eager_fast_op(_permute_op, _permute_impl, _permute_backward, _permute_setup)
+_route = eager_fast_op(_route_op, _route_impl)
+_combine = eager_fast_op(_combine_op, _combine_impl, _combine_backward, _combine_setup)
+_combine_bwd = eager_fast_op(_combine_bwd_op, _combine_bwd_impl)
 
 
 
@@ -396,7 +413,7 @@ def pad_token_groups(
         offs = torch.cumsum(num_tokens_per_group, 0, dtype=torch.int32)
         starts = offs - num_tokens_per_group.to(torch.int32)
         return x, PaddedLayout(offs, starts, num_tokens_per_group, None, None, M, 1, 1)
-    padded, offs, starts = _pad_op(x, num_tokens_per_group, a, padded_rows(M, E, a))
+    padded, offs, starts = _pad(x, num_tokens_per_group, a, padded_rows(M, E, a))
     return padded, PaddedLayout(offs, starts, num_tokens_per_group, None, None, M, a, 1)
 
 
@@ -432,7 +449,7 @@ def unpad_token_groups(padded_y: Tensor, layout: PaddedLayout) -> Tensor:
     _check_padded(padded_y, layout, "unpad_token_groups")
     if layout.alignment == 1 and layout.dest_rows is None:
         return padded_y
-    return _unpad_op(
+    return _unpad(
         padded_y,
         layout.num_tokens_per_group,
         layout.dest_rows,
@@ -468,7 +485,7 @@ def route_tokens(expert_indices: Tensor, num_experts: int, alignment: Optional[i
     _check_routing(expert_indices, num_experts)
     T, k = expert_indices.shape
     rows = padded_rows(T * k, num_experts, a)
-    counts, offs, starts, dest_rows, source_rows = _route_op(expert_indices, num_experts, a, rows)
+    counts, offs, starts, dest_rows, source_rows = _route(expert_indices, num_experts, a, rows)
     return PaddedLayout(offs, starts, counts, dest_rows, source_rows, T * k, a, k)
 
 
@@ -501,7 +518,7 @@ def permute_and_pad(
         raise ValueError(f"expert_indices is on {expert_indices.device} but x is on {x.device}")
     T, k = expert_indices.shape
     rows = padded_rows(T * k, num_experts, a)
-    padded, counts, offs, starts, dest_rows, source_rows = _permute_op(x, expert_indices, num_experts, a, rows)
+    padded, counts, offs, starts, dest_rows, source_rows = _permute(x, expert_indices, num_experts, a, rows)
     return padded, counts, PaddedLayout(offs, starts, counts, dest_rows, source_rows, T * k, a, k)
 
 
@@ -538,4 +555,4 @@ def combine_token_groups(padded_y: Tensor, layout: PaddedLayout, weights: Option
             raise ValueError(f"weights must have shape (T, k) = {(T, layout.top_k)}, got {tuple(weights.shape)}")
         if weights.device != padded_y.device:
             raise ValueError(f"weights are on {weights.device} but padded_y is on {padded_y.device}")
-    return _combine_op(padded_y, layout.dest_rows, layout.source_rows, weights, layout.top_k)
+    return _combine(padded_y, layout.dest_rows, layout.source_rows, weights, layout.top_k)

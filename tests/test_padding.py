@@ -423,6 +423,35 @@ def test_torch_compile_fullgraph_traces_forward_and_backward(alignment):
         assert same_bits(a, b)
 
 
+class _PassThroughMode(torch.overrides.TorchFunctionMode):
+    """Any active mode sends moeq's eager fast route back through the custom ops."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("alignment", [None, RECIPE_ALIGNMENTS[-1]])
+def test_eager_fast_route_matches_custom_ops(alignment):
+    # plain eager runs the implementations directly (moeq.eager_ops); under a mode the
+    # same calls go through torch.library: outputs and gradients must be bitwise equal
+    gen = torch.Generator().manual_seed(3)
+    T, D, E, k = 10, 6, 3, 2
+    counts = torch.tensor([4, 0, 6])
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    w0, x0 = torch.rand(T, k, generator=gen), random_values(T, D, torch.float32, gen)
+    results = []
+    for mode in (None, _PassThroughMode()):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with mode if mode is not None else torch.enable_grad():
+            back, out, offs, cnt = _all_ops(x, counts, x, ids, w, E, alignment)
+            (back.sum() + (out * out).sum()).backward()
+        results.append((back, out, offs, cnt, x.grad, w.grad))
+    for a, b in zip(*results):
+        assert same_bits(a, b)
+    with torch.no_grad():  # no autograd graph needed: the implementation alone
+        assert not _all_ops(x0, counts, x0, ids, w0, E, alignment)[1].requires_grad
+
+
 def test_custom_ops_pass_opcheck():
     gen = torch.Generator().manual_seed(0)
     x = random_values(6, 4, torch.float32, gen).requires_grad_()
@@ -496,19 +525,15 @@ def _twin_checks(alignment, counts, ids, E, D, dtype, seed):
         bad_ids = ids_t.clone()
         bad_ids[0, 0] = E
         assert kp.permute_and_pad_triton(xt, bad_ids, E, a, prow)[6].tolist() == [0]
-    # route only, each launch plan: blocks counted in the index kernel, histogram prefix
-    # summed in-kernel, or by torch.cumsum; all agree with the reference
+    # route only, each launch plan, on a small tile so that several blocks take part
     route_ref = kp.route_reference(ids_t, E, a, prow)
-    saved = kp._PREFIX_IN_KERNEL_MAX, kp._COUNT_IN_KERNEL_MAX_BLOCKS
-    for limits in (saved, (saved[0], 0), (0, 0)):
-        kp._PREFIX_IN_KERNEL_MAX, kp._COUNT_IN_KERNEL_MAX_BLOCKS = limits
-        try:
-            got = kp.route_triton(ids_t, E, a, prow)
-        finally:
-            kp._PREFIX_IN_KERNEL_MAX, kp._COUNT_IN_KERNEL_MAX_BLOCKS = saved
+    for plan in kp.ROUTE_PLANS:
+        got = kp.route_triton(ids_t, E, a, prow, plan=plan, block_f=16)
         for i in range(5):
-            assert torch.equal(got[i], route_ref[i]), (limits, i)
+            assert torch.equal(got[i], route_ref[i]), (plan, i)
         assert got[5].tolist() == [1]
+        if T:
+            assert kp.route_triton(bad_ids, E, a, prow, plan=plan, block_f=16)[5].tolist() == [0]
     counts_p, dest, source = rr[1], rr[4], rr[5]
     yb = random_rows(prow, D, dtype, gen)
     assert same_bits(kp.unpad_triton(yb, counts_p, a, T * k, dest), kp.unpad_reference(yb, counts_p, a, T * k, dest))
