@@ -322,6 +322,12 @@ def time_shape(name, a, x, ids, weights, counts, xg, order, ao):
     fn_permute = lambda: permute_and_pad(x, ids, E, a)  # noqa: E731
     r["permute_pad_ms"] = bench(fn_permute)
     r["permute_pad_spread_ms"] = SPREAD[fn_permute]
+    # the same job in the route launches + gather (what larger routings run)
+    r["permute_pad_unfused_ms"] = bench(lambda: kp.permute_and_pad_triton(x, ids, E, a, rows, fused=False))
+    r["permute_pad_unfused_graph_ms"] = bench(
+        lambda: kp.permute_and_pad_triton(x, ids, E, a, rows, fused=False), graph=True
+    )
+    r["permute_fused"] = bool(kp._use_fused_permute(T, k, E))
     # as in training: x requires grad, so the autograd node is recorded too
     xr = x.detach().requires_grad_()
     fn_permute_grad = lambda: permute_and_pad(xr, ids, E, a)  # noqa: E731
@@ -377,10 +383,11 @@ def markdown(rows, checks, env, sweep_res, cfgs, diag=None):
     L.append("## Eager (what a training step pays without CUDA graphs)\n")
     L.append(
         "| shape | a | M | D | E | copy | pad (x copy) | unpad (x copy) | permute+pad (x copy) "
-        "| permute+pad, x requires grad (x copy) | combine (x copy) "
+        "| permute+pad, x requires grad (x copy) | permute+pad in route launches + gather, launchers only (x copy) "
+        "| combine (x copy) "
         "| torchao torch pad (x copy) | torchao torch unpad (x copy) | torch argsort+gather, no pad | torch gather+sum combine |"
     )
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["copy_ms"]
 
@@ -390,7 +397,8 @@ def markdown(rows, checks, env, sweep_res, cfgs, diag=None):
 
         L.append(
             f"| {r['shape']} | {r['alignment']} | {r['M']} | {r['D']} | {r['E']} | {c:.3f} | {f('pad_ms')} | "
-            f"{f('unpad_ms')} | {f('permute_pad_ms')} | {f('permute_pad_grad_ms')} | {f('combine_ms')} | "
+            f"{f('unpad_ms')} | {f('permute_pad_ms')}{' one launch' if r['permute_fused'] else ''} | "
+            f"{f('permute_pad_grad_ms')} | {f('permute_pad_unfused_ms')} | {f('combine_ms')} | "
             f"{f('torchao_torch_pad_ms')} | "
             f"{f('torchao_torch_unpad_ms')} | {f('torch_permute_nopad_ms')} | {f('torch_combine_ms')} |"
         )
@@ -404,8 +412,11 @@ def markdown(rows, checks, env, sweep_res, cfgs, diag=None):
         glo, ghi = r["permute_pad_grad_spread_ms"]
         L.append(f"- {r['shape']} a={r['alignment']}: {lo / c:.2f}-{hi / c:.2f}x / {glo / c:.2f}-{ghi / c:.2f}x")
     L.append("\n## CUDA-graph replay (device time only; moeq ops never sync, so they capture)\n")
-    L.append("| shape | a | copy | pad (x copy) | unpad (x copy) | permute+pad (x copy) | combine (x copy) | pad kernel alone, eager |")
-    L.append("|---|---|---|---|---|---|---|---|")
+    L.append(
+        "| shape | a | copy | pad (x copy) | unpad (x copy) | permute+pad (x copy) "
+        "| permute+pad, route launches + gather (x copy) | combine (x copy) | pad kernel alone, eager |"
+    )
+    L.append("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["copy_graph_ms"]
 
@@ -414,7 +425,8 @@ def markdown(rows, checks, env, sweep_res, cfgs, diag=None):
 
         L.append(
             f"| {r['shape']} | {r['alignment']} | {c:.3f} | {g('pad_graph_ms')} | {g('unpad_graph_ms')} | "
-            f"{g('permute_pad_graph_ms')} | {g('combine_graph_ms')} | {r['pad_kernel_ms']:.3f} |"
+            f"{g('permute_pad_graph_ms')} | {g('permute_pad_unfused_graph_ms')} | {g('combine_graph_ms')} | "
+            f"{r['pad_kernel_ms']:.3f} |"
         )
     L.append("\n## Correctness checks (same run, before timing)\n")
     for key, (chk, ok) in checks.items():

@@ -30,6 +30,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from moeq.kernels.launch import CachedLauncher
+
 try:
     import triton
     import triton.language as tl
@@ -453,6 +455,123 @@ if HAS_TRITON:
         tl.store(source_rows_ptr + dest, f, mask=valid)
 
     @triton.jit
+    def _permute_fused_kernel(
+        x_ptr,
+        ids_ptr,
+        out_ptr,
+        table_ptr,
+        sync_ptr,
+        counts_ptr,
+        offs_ptr,
+        starts_ptr,
+        ok_ptr,
+        dest_ptr,
+        source_rows_ptr,
+        F,
+        E,
+        D,
+        num_out_rows,
+        NB,
+        NS_D,
+        NS,
+        TOP_K: tl.constexpr,
+        ALIGN: tl.constexpr,
+        BLOCK_F: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_NB: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_Z: tl.constexpr,
+        BLOCK_DZ: tl.constexpr,
+    ):
+        # Route + permute + pad in one launch. Roles follow a ticket taken at program start
+        # (sync[0]), so a program only ever waits for programs that are already running:
+        #   tickets [0, NB): histogram one block of BLOCK_F routing entries into table
+        #     (E, NB); the last to finish (sync[1]) turns the table into each block's first
+        #     destination row per expert, writes counts/offs/starts/ok, then sets sync[2];
+        #   [NB, NB + NS): copy BLOCK_M routing entries x BLOCK_D columns of their tokens to
+        #     their rows (and write dest / source_rows);
+        #   the rest: zero expert (t - NB - NS)'s padding rows, then ALIGN-row chunks of the
+        #     slack rows past the last group (source_rows -1).
+        v = tl.atomic_add(sync_ptr, 1)
+        e = tl.arange(0, BLOCK_E)
+        emask = e < E
+        if v < NB:
+            f = v * BLOCK_F + tl.arange(0, BLOCK_F)
+            ids = tl.load(ids_ptr + f, mask=f < F, other=-1).to(tl.int64)
+            hist = tl.sum((ids[:, None] == e[None, :].to(tl.int64)).to(tl.int32), axis=0)
+            tl.store(table_ptr + e * NB + v, hist, mask=emask)
+            tl.debug_barrier()
+            done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel")
+            if done == NB - 1:
+                b = tl.arange(0, BLOCK_NB)
+                tmask = emask[:, None] & (b[None, :] < NB)
+                tptr = table_ptr + e[:, None] * NB + b[None, :]
+                t = tl.load(tptr, mask=tmask, other=0, cache_modifier=".cg")
+                c = tl.sum(t, 1)
+                sizes = (c + (ALIGN - 1)) // ALIGN * ALIGN
+                ends = tl.cumsum(sizes, 0)
+                starts = ends - sizes
+                tl.store(tptr, starts[:, None] + tl.cumsum(t, 1) - t, mask=tmask)
+                tl.store(counts_ptr + e, c.to(tl.int64), mask=emask)
+                tl.store(offs_ptr + e, ends, mask=emask)
+                tl.store(starts_ptr + e, starts, mask=emask)
+                tl.store(ok_ptr, (tl.sum(c, 0) == F).to(tl.int32))
+                tl.debug_barrier()
+                tl.atomic_xchg(sync_ptr + 2, 1, sem="release")
+        else:
+            ready = tl.atomic_add(sync_ptr + 2, 0, sem="acquire")
+            while ready == 0:
+                ready = tl.atomic_add(sync_ptr + 2, 0, sem="acquire")
+            w = v - NB
+            if w < NS:
+                pf = w // NS_D
+                pd = w % NS_D
+                f = pf * BLOCK_M + tl.arange(0, BLOCK_M)
+                fmask = f < F
+                ids = tl.load(ids_ptr + f, mask=fmask, other=-1).to(tl.int64)
+                valid = fmask & (ids >= 0) & (ids < E)
+                idc = tl.where(valid, ids, 0)
+                # BLOCK_M divides BLOCK_F: all entries of this program share one block
+                blk = (pf * BLOCK_M) // BLOCK_F
+                base = tl.load(table_ptr + idc * NB + blk, mask=valid, other=0, cache_modifier=".cg")
+                g = blk * BLOCK_F + tl.arange(0, BLOCK_F)
+                gids = tl.load(ids_ptr + g, mask=g < F, other=-1).to(tl.int64)
+                earlier = (gids[None, :] == ids[:, None]) & (g[None, :] < f[:, None])
+                dest = tl.where(valid, base + tl.sum(earlier.to(tl.int32), axis=1), 0)
+                row_ok = valid & (dest < num_out_rows)
+                if pd == 0:
+                    tl.store(dest_ptr + f, dest, mask=fmask)
+                    tl.store(source_rows_ptr + dest, f.to(tl.int32), mask=row_ok)
+                cols = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+                cmask = cols[None, :] < D
+                src = (f // TOP_K).to(tl.int64)
+                vals = tl.load(x_ptr + src[:, None] * D + cols[None, :], mask=row_ok[:, None] & cmask)
+                tl.store(out_ptr + dest.to(tl.int64)[:, None] * D + cols[None, :], vals, mask=row_ok[:, None] & cmask)
+            else:
+                z = w - NS
+                c = tl.load(counts_ptr + e, mask=emask, other=0, cache_modifier=".cg").to(tl.int32)
+                ends = tl.load(offs_ptr + e, mask=emask, other=0, cache_modifier=".cg")
+                total = tl.max(ends, 0)
+                zsel = e == z
+                if z < E:  # expert z's padding rows: after its tokens, up to its group end
+                    lo = tl.sum(tl.where(zsel, ends - ((c + (ALIGN - 1)) // ALIGN * ALIGN) + c, 0), 0)
+                    hi = tl.sum(tl.where(zsel, ends, 0), 0)
+                else:  # an ALIGN-row chunk of the slack rows past the last group
+                    lo = total + (z - E) * BLOCK_Z
+                    hi = tl.minimum(lo + BLOCK_Z, num_out_rows)
+                rows = lo + tl.arange(0, BLOCK_Z)
+                rmask = rows < hi
+                tl.store(source_rows_ptr + rows, tl.full([BLOCK_Z], -1, tl.int32), mask=rmask)
+                zeros = tl.zeros([BLOCK_Z, BLOCK_DZ], dtype=out_ptr.dtype.element_ty)
+                c0 = 0
+                while c0 < D:
+                    cols = c0 + tl.arange(0, BLOCK_DZ)
+                    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], zeros,
+                             mask=rmask[:, None] & (cols[None, :] < D))
+                    c0 += BLOCK_DZ
+
+    @triton.jit
     def _combine_kernel(
         y_ptr,
         dest_ptr,
@@ -560,6 +679,16 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------
 
 
+_LAUNCHERS: dict = {}  # kernel -> CachedLauncher (a cache of compiled kernels, no configuration)
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    launcher = _LAUNCHERS.get(kernel)
+    if launcher is None:
+        launcher = _LAUNCHERS[kernel] = CachedLauncher(kernel)
+    launcher(grid, *args, **kwargs)
+
+
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
@@ -613,7 +742,7 @@ def _launch_pad_rows(
     grid = (max(1, _cdiv(num_out_rows, block_m)), max(1, _cdiv(D, block_d)))
     offs, starts, ok = layout_out if layout_out is not None else (counts, counts, counts)
     idx = _nonempty(index) if index is not None else counts
-    _pad_rows_kernel[grid](
+    _launch(_pad_rows_kernel, grid, 
         _nonempty(xb),
         _nonempty(out),
         counts,
@@ -707,7 +836,7 @@ def unpad_triton(
         return out.view(padded.dtype)
     block_m, block_d, num_warps = _copy_tiles(D, pb.element_size(), E, config)
     grid = (_cdiv(num_rows, block_m), _cdiv(D, block_d))
-    _unpad_rows_kernel[grid](
+    _launch(_unpad_rows_kernel, grid, 
         _nonempty(pb),
         out,
         counts,
@@ -771,10 +900,7 @@ def route_triton(
     dev = expert_indices.device
     ids = expert_indices.contiguous().view(-1)
     block_e = _block_e(E)
-    if block_f is None:
-        block_f = ROUTE_BLOCK_F
-    # the one-hot rank tile (BLOCK_F x BLOCK_E) stays at most 8192 entries
-    block_f = max(16, min(block_f, 8192 // block_e, _next_pow2(max(F, 1))))
+    block_f = _route_block_f(F, E, block_f)
     num_blocks = max(1, _cdiv(F, block_f))
     if plan is None:
         plan = _route_plan(num_blocks, block_e)
@@ -793,9 +919,9 @@ def route_triton(
     ids_arg = _nonempty(ids)
     block_nb = _next_pow2(num_blocks) if plan == "prefix_in_kernel" else 1
     block_counts = torch.empty((E, num_blocks), dtype=torch.int32, device=dev)
-    _route_count_kernel[(num_blocks,)](ids_arg, block_counts, F, E, num_blocks, BLOCK_F=block_f, BLOCK_E=block_e)
+    _launch(_route_count_kernel, (num_blocks,), ids_arg, block_counts, F, E, num_blocks, BLOCK_F=block_f, BLOCK_E=block_e)
     incl = block_counts if plan == "prefix_in_kernel" else torch.cumsum(block_counts, 1, dtype=torch.int32)
-    _route_index_kernel[(num_blocks,)](
+    _launch(_route_index_kernel, (num_blocks,), 
         ids_arg,
         block_counts,
         incl,
@@ -818,6 +944,58 @@ def route_triton(
     return counts, offs, starts, dest, source_rows, ok
 
 
+# Routings whose (experts x blocks) table fits this many entries permute in one launch
+# (_permute_fused_kernel): small routings are bound by host launch cost.
+_FUSED_PERMUTE_MAX_TABLE = 8192
+FUSED_PERMUTE_ENTRIES = 8  # routing entries per copy program (BLOCK_M; divides ROUTE_BLOCK_F)
+
+
+def _route_block_f(F: int, E: int, block_f: Optional[int] = None) -> int:
+    # the one-hot rank tile (BLOCK_F x BLOCK_E) stays at most 8192 entries
+    return max(16, min(block_f or ROUTE_BLOCK_F, 8192 // _block_e(E), _next_pow2(max(F, 1))))
+
+
+def _use_fused_permute(T: int, k: int, E: int) -> bool:
+    block_f = _route_block_f(T * k, E)
+    table = _block_e(E) * _next_pow2(max(1, _cdiv(T * k, block_f)))
+    return table <= _FUSED_PERMUTE_MAX_TABLE and block_f % FUSED_PERMUTE_ENTRIES == 0
+
+
+def _permute_fused_triton(x: Tensor, expert_indices: Tensor, num_experts: int, alignment: int, num_out_rows: int, *,
+                          block_f: int, config: Optional[dict] = None):
+    T, k = expert_indices.shape
+    F = T * k
+    E = num_experts
+    dev = x.device
+    xb = _as_bits(x.contiguous())
+    D = xb.shape[1]
+    ids = _nonempty(expert_indices.contiguous().view(-1))
+    block_e = _block_e(E)
+    num_blocks = max(1, _cdiv(F, block_f))
+    _, block_d, num_warps = _copy_tiles(D, xb.element_size(), E, config)
+    ns_d = max(1, _cdiv(D, block_d))
+    ns = _cdiv(F, FUSED_PERMUTE_ENTRIES) * ns_d
+    block_z = max(1, alignment)
+    nz = E + _cdiv(max(0, num_out_rows - F), block_z)
+    out = torch.empty((num_out_rows, D), dtype=xb.dtype, device=dev)
+    table = torch.empty((E, num_blocks), dtype=torch.int32, device=dev)
+    sync = torch.zeros(3, dtype=torch.int32, device=dev)
+    counts = torch.empty(E, dtype=torch.int64, device=dev)
+    offs = torch.empty(E, dtype=torch.int32, device=dev)
+    starts = torch.empty(E, dtype=torch.int32, device=dev)
+    ok = torch.empty(1, dtype=torch.int32, device=dev)
+    dest = torch.empty(F, dtype=torch.int32, device=dev)
+    source_rows = torch.empty(num_out_rows, dtype=torch.int32, device=dev)
+    _launch(_permute_fused_kernel, (num_blocks + ns + nz,), 
+        _nonempty(xb), ids, _nonempty(out), table, sync, counts, offs, starts, ok, _nonempty(dest),
+        _nonempty(source_rows), F, E, D, num_out_rows, num_blocks, ns_d, ns,
+        TOP_K=k, ALIGN=alignment, BLOCK_F=block_f, BLOCK_E=block_e, BLOCK_NB=_next_pow2(num_blocks),
+        BLOCK_M=FUSED_PERMUTE_ENTRIES, BLOCK_D=block_d, BLOCK_Z=block_z,
+        BLOCK_DZ=max(16, min(block_d, 8192 // block_z)), num_warps=num_warps,
+    )
+    return out.view(x.dtype), counts, offs, starts, dest, source_rows, ok
+
+
 def permute_and_pad_triton(
     x: Tensor,
     expert_indices: Tensor,
@@ -826,12 +1004,26 @@ def permute_and_pad_triton(
     num_out_rows: int,
     *,
     config: Optional[dict] = None,
+    fused: Optional[bool] = None,
+    block_f: Optional[int] = None,
 ):
     """Triton twin of :func:`permute_and_pad_reference`, plus ``ok`` (1,) int32: 1 iff
-    every index is in [0, num_experts). The launches of :func:`route_triton`, then the
-    padded gather, which also writes -1 into ``source_rows`` on padding rows."""
+    every index is in [0, num_experts).
+
+    Small routings (an (experts x blocks) table of at most ``_FUSED_PERMUTE_MAX_TABLE``
+    entries; ``fused=None``) run in one launch (:func:`_permute_fused_kernel`); larger
+    ones, or ``fused=False``, in the launches of :func:`route_triton`, then the padded
+    gather, which also writes -1 into ``source_rows`` on padding rows. ``block_f``
+    overrides the routing entries per block (tests)."""
+    T, k = expert_indices.shape
+    block_f = _route_block_f(T * k, num_experts, block_f)
+    if fused is None:
+        fused = _use_fused_permute(T, k, num_experts)
+    if fused:
+        return _permute_fused_triton(x, expert_indices, num_experts, alignment, num_out_rows, block_f=block_f,
+                                     config=config)
     counts, offs, starts, dest, source_rows, ok = route_triton(
-        expert_indices, num_experts, alignment, num_out_rows, fill_source_rows=False
+        expert_indices, num_experts, alignment, num_out_rows, fill_source_rows=False, block_f=block_f
     )
     padded = _launch_pad_rows(
         x,
@@ -871,7 +1063,7 @@ def combine_triton(
     block_t = cfg["block_t"]
     manual = _manual_bf16(y.dtype)
     grid = (_cdiv(T, block_t), _cdiv(N, block_n))
-    _combine_kernel[grid](
+    _launch(_combine_kernel, grid, 
         _nonempty(y),
         dest_rows.contiguous(),
         weights.contiguous() if weights is not None else dest_rows,
@@ -920,7 +1112,7 @@ def combine_backward_triton(
     block_n = min(_next_pow2(max(N, 1)), max(16, 2048 // y.element_size()))
     mgy = need_grad_y and _manual_bf16(y.dtype)
     mgw = need_grad_w and _manual_bf16(weights.dtype)
-    _combine_bwd_kernel[(_cdiv(R, block_m),)](
+    _launch(_combine_bwd_kernel, (_cdiv(R, block_m),), 
         _nonempty(grad_out),
         _nonempty(y),
         source_rows.contiguous(),

@@ -515,16 +515,19 @@ def _twin_checks(alignment, counts, ids, E, D, dtype, seed):
     ids_t = ids_tensor(ids, T, k)
     xt = random_rows(T, D, dtype, gen)
     prow = padded_rows(T * k, E, a)
-    tt = kp.permute_and_pad_triton(xt, ids_t, E, a, prow)
     rr = kp.permute_and_pad_reference(xt, ids_t, E, a, prow)
-    assert same_bits(tt[0], rr[0])
-    for i in range(1, 6):
-        assert torch.equal(tt[i], rr[i]), i
-    assert tt[6].tolist() == [1]
     if T:
         bad_ids = ids_t.clone()
         bad_ids[0, 0] = E
-        assert kp.permute_and_pad_triton(xt, bad_ids, E, a, prow)[6].tolist() == [0]
+    # one launch / route launches + gather; 16-entry blocks so that several take part
+    for fused in (True, False):
+        tt = kp.permute_and_pad_triton(xt, ids_t, E, a, prow, fused=fused, block_f=16)
+        assert same_bits(tt[0], rr[0]), fused
+        for i in range(1, 6):
+            assert torch.equal(tt[i], rr[i]), (fused, i)
+        assert tt[6].tolist() == [1]
+        if T:
+            assert kp.permute_and_pad_triton(xt, bad_ids, E, a, prow, fused=fused, block_f=16)[6].tolist() == [0]
     # route only, each launch plan, on a small tile so that several blocks take part
     route_ref = kp.route_reference(ids_t, E, a, prow)
     for plan in kp.ROUTE_PLANS:
@@ -626,11 +629,13 @@ def test_gpu_triton_matches_reference(dtype, alignment, D):
     pt, pr = kp.pad_triton(xg, counts, alignment, rows), kp.pad_reference(xg, counts, alignment, rows)
     assert same_bits(pt[0], pr[0]) and torch.equal(pt[1], pr[1]) and torch.equal(pt[2], pr[2])
     assert same_bits(kp.unpad_triton(pt[0], counts, alignment, M), xg)
-    tt = kp.permute_and_pad_triton(x, ids, E, alignment, rows)
     rr = kp.permute_and_pad_reference(x, ids, E, alignment, rows)
-    assert same_bits(tt[0], rr[0])
-    for i in range(1, 6):
-        assert torch.equal(tt[i], rr[i]), i
+    for fused, block_f in ((None, None), (True, 16), (False, None)):
+        tt = kp.permute_and_pad_triton(x, ids, E, alignment, rows, fused=fused, block_f=block_f)
+        assert same_bits(tt[0], rr[0]), (fused, block_f)
+        for i in range(1, 6):
+            assert torch.equal(tt[i], rr[i]), (fused, block_f, i)
+        assert tt[6].item() == 1
     if dtype in kp._COMBINE_DTYPES:
         gen = torch.Generator().manual_seed(1)
         y = random_values(rows, D, dtype, gen).cuda()
@@ -641,6 +646,41 @@ def test_gpu_triton_matches_reference(dtype, alignment, D):
         gr = kp.combine_backward_reference(go, y, rr[4], rr[5], w, k, True, True)
         assert same_bits(gt[0], gr[0])
         torch.testing.assert_close(gt[1], gr[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_cached_launches_respect_alignment():
+    # kernels.launch.CachedLauncher reuses a compiled kernel only for Triton's own
+    # specialization: aligned rows, then rows starting 14 bytes past a 16-byte boundary,
+    # then aligned again, each bitwise against the reference
+    gen = torch.Generator().manual_seed(5)
+    base = random_values(65, 7, torch.bfloat16, gen).cuda()
+    counts = torch.tensor([30, 0, 34], device="cuda")
+    rows = padded_rows(64, 3, 16)
+    for x in (base[:-1], base[1:], base[:-1]):
+        pt, pr = kp.pad_triton(x, counts, 16, rows), kp.pad_reference(x, counts, 16, rows)
+        assert same_bits(pt[0], pr[0])
+        assert same_bits(kp.unpad_triton(pt[0], counts, 16, 64), x)
+
+
+@pytest.mark.gpu
+def test_gpu_one_launch_permute_many_routings():
+    # the one-launch kernel hands data between its programs through global memory
+    # (tickets, a done counter, a ready flag): many fresh routings and sizes, each
+    # bitwise against the reference, to catch ordering races
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for it in range(60):
+        T, k, E = (4096, 2, 8) if it % 3 else (1024, 8, 32)
+        bias = torch.randn(E, device="cuda", generator=gen) * (it % 4)
+        ids = (torch.randn(T, E, device="cuda", generator=gen) + bias).topk(k, dim=-1).indices
+        x = torch.randn(T, 64 + it, device="cuda", generator=gen).to(torch.bfloat16)
+        a = RECIPE_ALIGNMENTS[it % len(RECIPE_ALIGNMENTS)]
+        rows = padded_rows(T * k, E, a)
+        tt = kp.permute_and_pad_triton(x, ids, E, a, rows, fused=True)
+        rr = kp.permute_and_pad_reference(x, ids, E, a, rows)
+        assert same_bits(tt[0], rr[0]), it
+        for i in range(1, 6):
+            assert torch.equal(tt[i], rr[i]), (it, i)
 
 
 @pytest.mark.gpu
