@@ -23,7 +23,7 @@ __all__ = ["eager_fast_op"]
 def _plain_eager(args) -> bool:
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
-    if torch._C._is_torch_function_mode_enabled():
+    if torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     return all(type(a) is Tensor for a in args if isinstance(a, Tensor))
 
@@ -48,14 +48,16 @@ def eager_fast_op(
     function = None
     if backward is not None:
 
+        # forward(ctx, ...) style on purpose: a Function with a separate setup_context binds
+        # its arguments through inspect.signature on every call (55 us against 13 us per
+        # apply, measured on this project's CPU machine); functorch transforms, which need
+        # that style, take the custom op (see _plain_eager)
         class _Function(torch.autograd.Function):
             @staticmethod
-            def forward(*args):
-                return impl(*args)
-
-            @staticmethod
-            def setup_context(ctx, inputs, output):
-                setup_context(ctx, inputs, output)
+            def forward(ctx, *args):
+                output = impl(*args)
+                setup_context(ctx, args, output)
+                return output
 
             @staticmethod
             def backward(ctx, *grads):
