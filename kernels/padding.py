@@ -962,7 +962,7 @@ def _use_fused_permute(T: int, k: int, E: int) -> bool:
 
 
 def _permute_fused_triton(x: Tensor, expert_indices: Tensor, num_experts: int, alignment: int, num_out_rows: int, *,
-                          block_f: int, config: Optional[dict] = None):
+                          block_f: int, config: Optional[dict] = None, share_buffers: bool = False):
     T, k = expert_indices.shape
     F = T * k
     E = num_experts
@@ -978,14 +978,27 @@ def _permute_fused_triton(x: Tensor, expert_indices: Tensor, num_experts: int, a
     block_z = max(1, alignment)
     nz = E + _cdiv(max(0, num_out_rows - F), block_z)
     out = torch.empty((num_out_rows, D), dtype=xb.dtype, device=dev)
-    table = torch.empty((E, num_blocks), dtype=torch.int32, device=dev)
-    sync = torch.zeros(3, dtype=torch.int32, device=dev)
-    counts = torch.empty(E, dtype=torch.int64, device=dev)
-    offs = torch.empty(E, dtype=torch.int32, device=dev)
-    starts = torch.empty(E, dtype=torch.int32, device=dev)
-    ok = torch.empty(1, dtype=torch.int32, device=dev)
-    dest = torch.empty(F, dtype=torch.int32, device=dev)
-    source_rows = torch.empty(num_out_rows, dtype=torch.int32, device=dev)
+    if share_buffers:
+        # one int32 workspace carved into every small buffer (each piece 16-byte aligned):
+        # allocations are a large part of a small routing's host time
+        sizes = (2 * E, E, E, 1, 3, E * num_blocks, F, num_out_rows)  # counts as int64 first
+        starts_at = [0]
+        for n in sizes:
+            starts_at.append(starts_at[-1] + (n + 3) // 4 * 4)
+        ws = torch.empty(starts_at[-1], dtype=torch.int32, device=dev)
+        parts = [ws[a:a + n] for a, n in zip(starts_at, sizes)]
+        counts, offs, starts, ok, sync, table, dest, source_rows = parts
+        counts = counts.view(torch.int64)
+        sync.zero_()
+    else:
+        table = torch.empty((E, num_blocks), dtype=torch.int32, device=dev)
+        sync = torch.zeros(3, dtype=torch.int32, device=dev)
+        counts = torch.empty(E, dtype=torch.int64, device=dev)
+        offs = torch.empty(E, dtype=torch.int32, device=dev)
+        starts = torch.empty(E, dtype=torch.int32, device=dev)
+        ok = torch.empty(1, dtype=torch.int32, device=dev)
+        dest = torch.empty(F, dtype=torch.int32, device=dev)
+        source_rows = torch.empty(num_out_rows, dtype=torch.int32, device=dev)
     _launch(_permute_fused_kernel, (num_blocks + ns + nz,), 
         _nonempty(xb), ids, _nonempty(out), table, sync, counts, offs, starts, ok, _nonempty(dest),
         _nonempty(source_rows), F, E, D, num_out_rows, num_blocks, ns_d, ns,
@@ -1006,6 +1019,7 @@ def permute_and_pad_triton(
     config: Optional[dict] = None,
     fused: Optional[bool] = None,
     block_f: Optional[int] = None,
+    share_buffers: bool = False,
 ):
     """Triton twin of :func:`permute_and_pad_reference`, plus ``ok`` (1,) int32: 1 iff
     every index is in [0, num_experts).
@@ -1014,14 +1028,16 @@ def permute_and_pad_triton(
     entries; ``fused=None``) run in one launch (:func:`_permute_fused_kernel`); larger
     ones, or ``fused=False``, in the launches of :func:`route_triton`, then the padded
     gather, which also writes -1 into ``source_rows`` on padding rows. ``block_f``
-    overrides the routing entries per block (tests)."""
+    overrides the routing entries per block (tests). ``share_buffers=True`` returns the
+    index tensors as views of one workspace (one allocation instead of eight; not for
+    custom ops, whose outputs may not alias)."""
     T, k = expert_indices.shape
     block_f = _route_block_f(T * k, num_experts, block_f)
     if fused is None:
         fused = _use_fused_permute(T, k, num_experts)
     if fused:
         return _permute_fused_triton(x, expert_indices, num_experts, alignment, num_out_rows, block_f=block_f,
-                                     config=config)
+                                     config=config, share_buffers=share_buffers)
     counts, offs, starts, dest, source_rows, ok = route_triton(
         expert_indices, num_experts, alignment, num_out_rows, fill_source_rows=False, block_f=block_f
     )

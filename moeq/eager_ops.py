@@ -38,7 +38,8 @@ def eager_fast_op(
 
     Args:
         op: the ``torch.library`` custom op (called whenever the fast route does not apply).
-        impl: the function the op was built from (same arguments, same outputs).
+        impl: what the fast route runs: the function the op was built from, or one with
+            the same arguments and the same results whose outputs may alias each other.
         backward, setup_context: the functions registered with ``op.register_autograd``,
             or None for an op without autograd (then a call that needs a gradient goes
             through ``op``).

@@ -209,8 +209,19 @@ def _(padded, counts, dest_rows, source_rows, alignment, num_rows):
 def _permute_impl(
     x: Tensor, expert_indices: Tensor, num_experts: int, alignment: int, num_out_rows: int
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _permute_any(x, expert_indices, num_experts, alignment, num_out_rows, False)
+
+
+def _permute_eager_impl(x, expert_indices, num_experts, alignment, num_out_rows):
+    # outside the custom op the index outputs may share one allocation
+    return _permute_any(x, expert_indices, num_experts, alignment, num_out_rows, True)
+
+
+def _permute_any(x, expert_indices, num_experts, alignment, num_out_rows, share_buffers):
     if _use_triton(x):
-        *out, ok = _k.permute_and_pad_triton(x, expert_indices, num_experts, alignment, num_out_rows)
+        *out, ok = _k.permute_and_pad_triton(
+            x, expert_indices, num_experts, alignment, num_out_rows, share_buffers=share_buffers
+        )
         torch._assert_async(ok, _INDICES_MSG)
         return tuple(out)
     torch._assert_async(((expert_indices >= 0) & (expert_indices < num_experts)).all(), _INDICES_MSG)
@@ -371,7 +382,7 @@ _combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
 _pad = eager_fast_op(_pad_op, _pad_impl, _pad_backward, _pad_setup)
 _pad_rows = eager_fast_op(_pad_rows_op, _pad_rows_impl)
 _unpad = eager_fast_op(_unpad_op, _unpad_impl, _unpad_backward, _unpad_setup)
-_permute = eager_fast_op(_permute_op, _permute_impl, _permute_backward, _permute_setup)
+_permute = eager_fast_op(_permute_op, _permute_eager_impl, _permute_backward, _permute_setup)
 _route = eager_fast_op(_route_op, _route_impl)
 _combine = eager_fast_op(_combine_op, _combine_impl, _combine_backward, _combine_setup)
 _combine_bwd = eager_fast_op(_combine_bwd_op, _combine_bwd_impl)
