@@ -270,6 +270,13 @@ if HAS_TRITON:
         return r.to(tl.uint16).to(tl.int16, bitcast=True)
 
     @triton.jit
+    def _padded_group_bounds(c, ALIGN: tl.constexpr):
+        # (E,) counts -> padded group ends and starts (each group rounded up to ALIGN rows)
+        sizes = (c + (ALIGN - 1)) // ALIGN * ALIGN
+        ends = tl.cumsum(sizes, 0)
+        return ends, ends - sizes
+
+    @triton.jit
     def _gather_rows(src_ptr, out_ptr, src_rows, out_rows, valid, row_ok, pid_d, D,
                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
         # out[out_rows, cols] = src[src_rows, cols] where valid, 0 elsewhere in row_ok.
@@ -313,9 +320,7 @@ if HAS_TRITON:
         pid_d = tl.program_id(1)
         e = tl.arange(0, BLOCK_E)
         c = tl.load(counts_ptr + e, mask=e < E, other=0).to(tl.int32)
-        sizes = (c + (ALIGN - 1)) // ALIGN * ALIGN
-        ends = tl.cumsum(sizes, 0)
-        starts = ends - sizes
+        ends, starts = _padded_group_bounds(c, ALIGN)
         if WRITE_LAYOUT:
             first = (pid_m == 0) & (pid_d == 0)
             tl.store(offs_ptr + e, ends, mask=(e < E) & first)
@@ -368,8 +373,7 @@ if HAS_TRITON:
         else:
             e = tl.arange(0, BLOCK_E)
             c = tl.load(counts_ptr + e, mask=e < E, other=0).to(tl.int32)
-            sizes = (c + (ALIGN - 1)) // ALIGN * ALIGN
-            starts = tl.cumsum(sizes, 0) - sizes
+            _, starts = _padded_group_bounds(c, ALIGN)
             src_ends = tl.cumsum(c, 0)
             g = tl.sum((src_ends[None, :] <= rows[:, None]).to(tl.int32), axis=1)
             sel = e[None, :] == g[:, None]
@@ -434,9 +438,7 @@ if HAS_TRITON:
         else:
             c = tl.load(incl_ptr + e * num_blocks + (num_blocks - 1), mask=emask, other=0)
             before = tl.load(incl_ptr + col, mask=emask, other=0) - tl.load(block_counts_ptr + col, mask=emask, other=0)
-        sizes = (c + (ALIGN - 1)) // ALIGN * ALIGN
-        ends = tl.cumsum(sizes, 0)
-        starts = ends - sizes
+        ends, starts = _padded_group_bounds(c, ALIGN)
         first = pid == 0
         tl.store(counts_ptr + e, c.to(tl.int64), mask=emask & first)
         tl.store(offs_ptr + e, ends, mask=emask & first)
@@ -509,9 +511,7 @@ if HAS_TRITON:
                 tptr = table_ptr + e[:, None] * NB + b[None, :]
                 t = tl.load(tptr, mask=tmask, other=0, cache_modifier=".cg")
                 c = tl.sum(t, 1)
-                sizes = (c + (ALIGN - 1)) // ALIGN * ALIGN
-                ends = tl.cumsum(sizes, 0)
-                starts = ends - sizes
+                ends, starts = _padded_group_bounds(c, ALIGN)
                 tl.store(tptr, starts[:, None] + tl.cumsum(t, 1) - t, mask=tmask)
                 tl.store(counts_ptr + e, c.to(tl.int64), mask=emask)
                 tl.store(offs_ptr + e, ends, mask=emask)
@@ -552,10 +552,11 @@ if HAS_TRITON:
                 z = w - NS
                 c = tl.load(counts_ptr + e, mask=emask, other=0, cache_modifier=".cg").to(tl.int32)
                 ends = tl.load(offs_ptr + e, mask=emask, other=0, cache_modifier=".cg")
+                first_rows = tl.load(starts_ptr + e, mask=emask, other=0, cache_modifier=".cg")
                 total = tl.max(ends, 0)
                 zsel = e == z
                 if z < E:  # expert z's padding rows: after its tokens, up to its group end
-                    lo = tl.sum(tl.where(zsel, ends - ((c + (ALIGN - 1)) // ALIGN * ALIGN) + c, 0), 0)
+                    lo = tl.sum(tl.where(zsel, first_rows + c, 0), 0)
                     hi = tl.sum(tl.where(zsel, ends, 0), 0)
                 else:  # an ALIGN-row chunk of the slack rows past the last group
                     lo = total + (z - E) * BLOCK_Z
