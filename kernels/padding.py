@@ -383,6 +383,14 @@ if HAS_TRITON:
         _gather_rows(padded_ptr, out_ptr, dst, rows, valid, row_ok, pid_d, D, BLOCK_D, EVEN_D)
 
     @triton.jit
+    def _block_histogram(ids_ptr, block, F, e, BLOCK_F: tl.constexpr):
+        # experts (lanes e) of routing entries [block * BLOCK_F, +BLOCK_F); ids outside
+        # the lanes count nowhere (then the totals miss F and the ok flag fails)
+        f = block * BLOCK_F + tl.arange(0, BLOCK_F)
+        ids = tl.load(ids_ptr + f, mask=f < F, other=-1).to(tl.int64)
+        return tl.sum((ids[:, None] == e[None, :].to(tl.int64)).to(tl.int32), axis=0)
+
+    @triton.jit
     def _route_count_kernel(
         ids_ptr, block_counts_ptr, F, E, num_blocks, BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr
     ):
@@ -391,10 +399,8 @@ if HAS_TRITON:
         # the blocks one after another); out-of-range ids count nowhere (then the totals
         # miss F and the caller's assert fires)
         pid = tl.program_id(0)
-        f = pid * BLOCK_F + tl.arange(0, BLOCK_F)
-        ids = tl.load(ids_ptr + f, mask=f < F, other=-1).to(tl.int64)
         e = tl.arange(0, BLOCK_E)
-        hist = tl.sum((ids[:, None] == e[None, :].to(tl.int64)).to(tl.int32), axis=0)
+        hist = _block_histogram(ids_ptr, pid, F, e, BLOCK_F)
         tl.store(block_counts_ptr + e * num_blocks + pid, hist, mask=e < E)
 
     @triton.jit
@@ -499,9 +505,7 @@ if HAS_TRITON:
         e = tl.arange(0, BLOCK_E)
         emask = e < E
         if v < NB:
-            f = v * BLOCK_F + tl.arange(0, BLOCK_F)
-            ids = tl.load(ids_ptr + f, mask=f < F, other=-1).to(tl.int64)
-            hist = tl.sum((ids[:, None] == e[None, :].to(tl.int64)).to(tl.int32), axis=0)
+            hist = _block_histogram(ids_ptr, v, F, e, BLOCK_F)
             tl.store(table_ptr + e * NB + v, hist, mask=emask)
             tl.debug_barrier()
             done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel")
