@@ -264,69 +264,11 @@ def run_gemms(name, seed, quick, log, only=None):
     return rows
 
 
-def _same_dual(want, got, m_cols):
-    """Bitwise equality of two Fp8Dual tuples; activations' column copies past M are unspecified."""
-    out = []
-    for i, (a, b) in enumerate(zip(want, got)):
-        if a.dtype == F8:
-            a, b = a.view(torch.uint8), b.view(torch.uint8)
-        if i == 2 and m_cols is not None and a.dim() == 2:
-            a, b = a[:, :m_cols], b[:, :m_cols]
-        out.append(bool(torch.equal(torch.nan_to_num(a.float(), 7.0), torch.nan_to_num(b.float(), 7.0))))
-    return out
+def run_quant(name):
+    """The strip passes' tile sweep (benchmarks/fp8_tune.py) and the two-pass kernels, one shape."""
+    from fp8_tune import tune_strips
 
-
-def run_quant(name, seed, quick, log):
-    """Two-pass (A/B) vs single-read strip quantization per source kind: bitwise, then timed."""
-    from moeq.kernels import fp8_rowwise as k
-
-    E, D, H, M = SHAPES[name]
-    dev = "cuda"
-    torch.manual_seed(seed)
-    offs = torch.cumsum(routed_counts(E, M, seed).to(dev), 0, dtype=torch.int32)
-    x = torch.randn(M, D, device=dev).bfloat16()
-    gu = torch.randn(M, 2 * H, device=dev).bfloat16()
-    gh = torch.randn(M, H, device=dev).bfloat16()
-    w13 = torch.randn(E * 2 * H, D, device=dev).bfloat16()
-    w2 = torch.randn(E * D, H, device=dev).bfloat16()
-    srcs = {  # kind: (mode, src, aux, offs, groups, bytes moved by one read + writes)
-        "weight gate_up": (k.MODE_PLAIN, w13, None, None, E, w13.numel() * (2 + 1 + 1)),
-        "weight down": (k.MODE_PLAIN, w2, None, None, E, w2.numel() * (2 + 1 + 1)),
-        "x": (k.MODE_PLAIN, x, None, offs, E, x.numel() * (2 + 1 + 1)),
-        "swiglu": (k.MODE_SWIGLU, gu, None, offs, E, gu.numel() * 2 + M * H * 2),
-        "swiglu_bwd": (k.MODE_SWIGLU_BWD, gu, gh, offs, E, gu.numel() * 2 + gh.numel() * 2 + M * 2 * H * 2),
-    }
-    rows = []
-    for kind, (mode, src, aux, o, ng, nbytes) in srcs.items():
-        row = {"shape": name, "source": kind, "bytes_one_read": nbytes}
-        try:
-            want = k._dual_quantize_impl(mode, src, aux, o, ng, True, True)
-            got = k._dual_quantize_strips_impl(mode, src, aux, o, ng, True, True)
-            same = _same_dual(want, got, src.shape[0] if o is not None else None)
-            row["two_pass_ms"] = bench(lambda: k._dual_quantize_impl(mode, src, aux, o, ng, True, True))
-            sweep = []
-            for tiles in (STRIP_SWEEP[:2] if quick else STRIP_SWEEP):
-                try:
-                    g2 = k._dual_quantize_strips_impl(mode, src, aux, o, ng, True, True, tiles=tiles)
-                    ok = all(_same_dual(got, g2, src.shape[0] if o is not None else None))
-                    ms = bench(lambda: k._dual_quantize_strips_impl(mode, src, aux, o, ng, True, True, tiles=tiles))
-                    sweep.append({"tiles": tiles, "ms": ms, "gbps": nbytes / ms / 1e6, "same_as_default": ok})
-                except Exception as e:
-                    sweep.append({"tiles": tiles, "error": f"{type(e).__name__}: {str(e)[:160]}"})
-                    log.write(traceback.format_exc())
-            row["strip_sweep"] = sweep
-            good = [s for s in sweep if "ms" in s and s["same_as_default"]]
-            if good:
-                b = min(good, key=lambda s: s["ms"])
-                row["strip_ms"], row["strip_tiles"], row["strip_gbps"] = b["ms"], b["tiles"], b["gbps"]
-            row["bitwise_vs_two_pass"] = same
-            row["two_pass_gbps"] = nbytes / row["two_pass_ms"] / 1e6
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            log.write(traceback.format_exc())
-        rows.append(row)
-        print(json.dumps({kk: v for kk, v in row.items() if kk != "strip_sweep"}, default=str), flush=True)
-    return rows
+    return [{"shape": name, "source": kind, **entry} for kind, entry in tune_strips(SHAPES[name]).items()]
 
 
 def ceilings():
@@ -361,14 +303,15 @@ def markdown(report):
             f"{f(r.get('moeq_tflops'))} {r.get('moeq_config', '')} | {r.get('moeq_rel_vs_torch_fp8', '')} | "
             f"{f(r.get('mx_tflops'))} | {r.get('mx_rel_vs_exact', '')} | "
             f"{f(r['flops'] / r['mx_exact_bf16_ms'] / 1e9) if r.get('mx_exact_bf16_ms') else ''} |")
-    lines += ["", "| shape | source | two-pass ms (GB/s) | strips ms (GB/s) (tiles) | bitwise |", "|---|---|---|---|---|"]
+    lines += ["", "| shape | source | two-pass ms (row + col) | strips: row copy ms (tiles) | strips: column copy ms (tiles) | strips GB/s (2 reads + 2 fp8 writes) |",
+              "|---|---|---|---|---|---|"]
     for r in report["quant"]:
-        if "error" in r:
-            lines.append(f"| {r['shape']} | {r['source']} | failed: {r['error'][:100]} | | |")
-            continue
-        lines.append(f"| {r['shape']} | {r['source']} | {r['two_pass_ms']:.3f} ({r['two_pass_gbps']:.0f}) | "
-                     f"{r.get('strip_ms', float('nan')):.3f} ({r.get('strip_gbps', float('nan')):.0f}) {r.get('strip_tiles', '')} | "
-                     f"{r['bitwise_vs_two_pass']} |")
+        row, col = r.get("row"), r.get("col")
+        tot = (row[1] if row else 0) + (col[1] if col else 0)
+        gbps = r["bytes_one_read"] * 3 / tot / 1e6 if tot else 0  # each copy reads the source; fp8 copies write half each
+        lines.append(f"| {r['shape']} | {r['source']} | {r.get('two_pass_ms', float('nan')):.3f} | "
+                     f"{row[1] if row else float('nan'):.3f} {row[0] if row else ''} | "
+                     f"{col[1] if col else float('nan'):.3f} {col[0] if col else ''} | {gbps:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -396,7 +339,7 @@ def main(argv=None):
         for name in args.shapes:
             t0 = time.time()
             if not args.no_quant:
-                report["quant"] += run_quant(name, args.seed, args.quick, log)
+                report["quant"] += run_quant(name)
             if not args.no_gemms:
                 report["gemms"] += run_gemms(name, args.seed, args.quick, log, args.gemms)
             print(f"# {name} done in {time.time() - t0:.0f}s", flush=True)

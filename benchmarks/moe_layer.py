@@ -159,8 +159,16 @@ def saved_bytes(fn, leaves, *args):
     return sum(seen.values()), out
 
 
-def run_shape(name, shape, variants, seed, log, dev):
+def run_shape(name, shape, variants, seed, log, dev, tune=False):
     E, D, H, T, k = shape
+    strip_report = None
+    if tune and dev == "cuda":
+        from fp8_tune import tune_strips
+
+        from moeq.padding import padded_rows
+        from moeq.recipes import group_alignment
+
+        strip_report = tune_strips((E, D, H, padded_rows(T * k, E, group_alignment("fp8"))))
     torch.manual_seed(seed)
     ids, weights0 = routing(T, E, k, seed, dev)
     tokens = torch.randn(T, D, device=dev, dtype=torch.bfloat16).requires_grad_()
@@ -179,6 +187,8 @@ def run_shape(name, shape, variants, seed, log, dev):
     rows, outs = [], {}
     for vname in variants:
         row = {"shape": name, "E": E, "D": D, "H": H, "T": T, "k": k, "variant": vname}
+        if strip_report is not None and "fp8" in vname and "mxfp8" not in vname:
+            row["fp8_strip_tuning"] = strip_report
         try:
             fn = VARIANTS[vname]()
             for t in leaves:
@@ -214,7 +224,8 @@ def run_shape(name, shape, variants, seed, log, dev):
             row["error"] = f"{type(e).__name__}: {str(e)[:240]}"
             log.write(traceback.format_exc())
         rows.append(row)
-        print(json.dumps({kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in row.items()}), flush=True)
+        print(json.dumps({kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in row.items()
+                          if kk != "fp8_strip_tuning"}), flush=True)
         if dev == "cuda":
             torch.cuda.empty_cache()
     if len(outs) == 2:  # the fused gather must not change a bit
@@ -259,7 +270,9 @@ def main(argv=None):
     args = parse_bench_args(__doc__, SHAPES, VARIANTS, argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/moe_layer.py needs a CUDA GPU (or --device cpu --shapes tiny)")
-    run_and_write(args, "moe_layer", run_shape, SHAPES, markdown)
+    import functools
+
+    run_and_write(args, "moe_layer", functools.partial(run_shape, tune=args.tune_fp8_strips), SHAPES, markdown)
 
 
 if __name__ == "__main__":

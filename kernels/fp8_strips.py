@@ -106,37 +106,58 @@ if HAS_TRITON:
             w = tl.load(w_ptr + rows, mask=rmask, other=0.0)
         else:
             w = tl.zeros((BR,), dtype=tl.float32)
-        acc = tl.zeros((BR, BK), dtype=tl.float32)
-        dacc = tl.zeros((BR, BK), dtype=tl.float32)
-        for k0 in range(0, KC, BK):
-            cols = k0 + tl.arange(0, BK)
+        if BK >= KC:
+            # one shot: the rows' whole width is one tile, kept in registers from the amax
+            # to the cast (a single read of the source, no second sweep)
+            cols = tl.arange(0, BK)
             mask = rmask[:, None] & (cols < KC)[None, :]
             v0, v1, hd = _load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE, HAS_W)
-            acc = tl.maximum(acc, _abs_nan_inf(v0))
+            a = _abs_nan_inf(v0)
             if MODE == 2:
-                acc = tl.maximum(acc, _abs_nan_inf(v1))
+                a = tl.maximum(a, _abs_nan_inf(v1))
+            ra = tl.max(a, axis=1)
             if WANT_DW:
-                dacc += hd
-        ra = tl.max(acc, axis=1)
-        if WANT_DW:
-            tl.store(dw_ptr + rows, tl.sum(dacc, axis=1), mask=rmask)
-        s = _exp2_from_biased(_scale_exponent(ra))[:, None]
-        for k0 in range(0, KC, BK):
-            cols = k0 + tl.arange(0, BK)
-            mask = rmask[:, None] & (cols < KC)[None, :]
-            v0, v1, hd = _load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE, HAS_W)
+                tl.store(dw_ptr + rows, tl.sum(hd, axis=1), mask=rmask)
+            s = _exp2_from_biased(_scale_exponent(ra))[:, None]
             rp = row_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
             tl.store(rp, _to_e4m3(v0 * s), mask=mask)
             if MODE == 2:
                 tl.store(rp + H, _to_e4m3(v1 * s), mask=mask)
+        else:
+            acc = tl.zeros((BR, BK), dtype=tl.float32)
+            dacc = tl.zeros((BR, BK), dtype=tl.float32)
+            for k0 in range(0, KC, BK):
+                cols = k0 + tl.arange(0, BK)
+                mask = rmask[:, None] & (cols < KC)[None, :]
+                v0, v1, hd = _load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE,
+                                            HAS_W)
+                acc = tl.maximum(acc, _abs_nan_inf(v0))
+                if MODE == 2:
+                    acc = tl.maximum(acc, _abs_nan_inf(v1))
+                if WANT_DW:
+                    dacc += hd
+            ra = tl.max(acc, axis=1)
+            if WANT_DW:
+                tl.store(dw_ptr + rows, tl.sum(dacc, axis=1), mask=rmask)
+            s = _exp2_from_biased(_scale_exponent(ra))[:, None]
+            for k0 in range(0, KC, BK):
+                cols = k0 + tl.arange(0, BK)
+                mask = rmask[:, None] & (cols < KC)[None, :]
+                v0, v1, hd = _load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE,
+                                            HAS_W)
+                rp = row_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+                tl.store(rp, _to_e4m3(v0 * s), mask=mask)
+                if MODE == 2:
+                    tl.store(rp + H, _to_e4m3(v1 * s), mask=mask)
         tl.store(row_inv_ptr + rows, _inv_scale(ra), mask=rmask)
 
     @triton.jit
-    def _col_strip_amax(src_ptr, aux_ptr, w_ptr, cmax0, cmax1, r0, end, cols, cmask, stride_src, stride_aux,
+    def _col_strip_amax(src_ptr, aux_ptr, w_ptr, cmax0, cmax1, r0, lo, end, M, cols, cmask, stride_src, stride_aux,
                         H: tl.constexpr, MODE: tl.constexpr, BR: tl.constexpr, HAS_W: tl.constexpr):
         rows = r0 + tl.arange(0, BR)
-        mask = (rows < end)[:, None] & cmask[None, :]
-        w = tl.load(w_ptr + rows, mask=rows < end, other=0.0) if HAS_W else tl.zeros((BR,), dtype=tl.float32)
+        rm = (rows >= lo) & (rows < end) & (rows < M)
+        mask = rm[:, None] & cmask[None, :]
+        w = tl.load(w_ptr + rows, mask=rm, other=0.0) if HAS_W else tl.zeros((BR,), dtype=tl.float32)
         v0, v1, _ = _load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE, HAS_W)
         cmax0 = tl.maximum(cmax0, tl.max(tl.where(mask, _abs_nan_inf(v0), 0.0), axis=0))
         if MODE == 2:
@@ -144,13 +165,13 @@ if HAS_TRITON:
         return cmax0, cmax1
 
     @triton.jit
-    def _col_strip_cast(src_ptr, aux_ptr, w_ptr, base_ptr, s0, s1, r0, end, cols, cmask, stride_src, stride_aux,
+    def _col_strip_cast(src_ptr, aux_ptr, w_ptr, base_ptr, s0, s1, r0, lo, end, M, cols, cmask, stride_src, stride_aux,
                         stride_ck, H: tl.constexpr, MODE: tl.constexpr, BR: tl.constexpr, ZERO: tl.constexpr,
                         HAS_W: tl.constexpr):
         # the (BR, BC) tile, scaled per column, cast, stored transposed: base_ptr[col, row]
         rows = r0 + tl.arange(0, BR)
-        rm = rows < end
-        mask = rm[:, None] & cmask[None, :]
+        rm = (rows >= lo) & (rows < end)
+        mask = (rm & (rows < M))[:, None] & cmask[None, :]  # loads: never a row >= M
         tmask = cmask[:, None] & rm[None, :]
         cp = base_ptr + cols.to(tl.int64)[:, None] * stride_ck + rows[None, :]
         if ZERO:
@@ -159,7 +180,7 @@ if HAS_TRITON:
             if MODE == 2:
                 tl.store(cp + H * stride_ck, tl.trans(_to_e4m3(z)), mask=tmask)
         else:
-            w = tl.load(w_ptr + rows, mask=rm, other=0.0) if HAS_W else tl.zeros((BR,), dtype=tl.float32)
+            w = tl.load(w_ptr + rows, mask=rm & (rows < M), other=0.0) if HAS_W else tl.zeros((BR,), dtype=tl.float32)
             v0, v1, _ = _load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE, HAS_W)
             tl.store(cp, tl.trans(_to_e4m3(v0 * s0[None, :])), mask=tmask)
             if MODE == 2:
@@ -190,21 +211,28 @@ if HAS_TRITON:
             base = col_ptr + g.to(tl.int64) * stride_cg - start
         else:
             start = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
-            end = tl.load(offs_ptr + g, mask=g < E, other=M)
-            end = tl.minimum(end, M)
+            # the slack group's rows run to the copy's padded width (columns >= M are
+            # unspecified: zeros there are fine); loads never read rows >= M
+            end = tl.load(offs_ptr + g, mask=g < E, other=stride_ck)
+            # Group bounds are multiples of SUB in a valid layout (checked on device by the
+            # offs_ok flag): the hints let the transposed stores, whose masks run along the
+            # rows, vectorize to 16 bytes.
+            start = tl.multiple_of(start, SUB)
+            end = tl.multiple_of(tl.minimum(end, stride_ck), SUB)
             base = col_ptr
+        lo = start
         cmax0 = tl.zeros((BC,), dtype=tl.float32)
         cmax1 = tl.zeros((BC,), dtype=tl.float32)
         if g < E:
             if INTERP:  # the interpreter's range() cannot take runtime bounds; a while loop can
                 r0 = start
                 while r0 < end:
-                    cmax0, cmax1 = _col_strip_amax(src_ptr, aux_ptr, w_ptr, cmax0, cmax1, r0, end, cols, cmask,
+                    cmax0, cmax1 = _col_strip_amax(src_ptr, aux_ptr, w_ptr, cmax0, cmax1, r0, lo, end, M, cols, cmask,
                                                    stride_src, stride_aux, H, MODE, BR, HAS_W)
                     r0 += BR
             else:
                 for r0 in range(start, end, BR):
-                    cmax0, cmax1 = _col_strip_amax(src_ptr, aux_ptr, w_ptr, cmax0, cmax1, r0, end, cols, cmask,
+                    cmax0, cmax1 = _col_strip_amax(src_ptr, aux_ptr, w_ptr, cmax0, cmax1, r0, lo, end, M, cols, cmask,
                                                    stride_src, stride_aux, H, MODE, BR, HAS_W)
             tl.store(col_inv_ptr + g * KO + cols, _inv_scale(cmax0), mask=cmask)
             if MODE == 2:
@@ -214,29 +242,37 @@ if HAS_TRITON:
         if INTERP:
             r0 = start
             while r0 < end:
-                _col_strip_cast(src_ptr, aux_ptr, w_ptr, base, s0, s1, r0, end, cols, cmask, stride_src, stride_aux,
+                _col_strip_cast(src_ptr, aux_ptr, w_ptr, base, s0, s1, r0, lo, end, M, cols, cmask, stride_src, stride_aux,
                                 stride_ck, H, MODE, BR, g >= E, HAS_W)
                 r0 += BR
         else:
             if g < E:
                 for r0 in range(start, end, BR):
-                    _col_strip_cast(src_ptr, aux_ptr, w_ptr, base, s0, s1, r0, end, cols, cmask, stride_src,
+                    _col_strip_cast(src_ptr, aux_ptr, w_ptr, base, s0, s1, r0, lo, end, M, cols, cmask, stride_src,
                                     stride_aux, stride_ck, H, MODE, BR, False, HAS_W)
             else:
                 for r0 in range(start, end, BR):
-                    _col_strip_cast(src_ptr, aux_ptr, w_ptr, base, s0, s1, r0, end, cols, cmask, stride_src,
+                    _col_strip_cast(src_ptr, aux_ptr, w_ptr, base, s0, s1, r0, lo, end, M, cols, cmask, stride_src,
                                     stride_aux, stride_ck, H, MODE, BR, True, HAS_W)
 
 
-# Strip-pass tiles per source kind: row strip (BR, BK, num_warps), column strip (BR, BC,
-# num_warps). Chosen by measurement (benchmarks/fp8_gemm.py --sweep-quant; docs/fp8_gemm.md).
+# Strip-pass tiles per source kind: row strip (elements per program, num_warps): the tile
+# is as wide as the rows when they fit (one shot, kept in registers; else sweeps of that
+# width) and as many rows tall as fill the budget; column strip (BR, BC, num_warps).
+# Chosen by measurement (benchmarks/moe_layer.py --tune-fp8-strips; docs/fp8_gemm.md).
 STRIP_CONFIGS = {
-    "plain": ((8, 256, 4), (64, 64, 4)),
-    "weight": ((8, 256, 4), (64, 64, 4)),
-    "swiglu": ((8, 256, 4), (64, 64, 4)),
-    "swiglu_bwd": ((8, 128, 4), (64, 64, 4)),
+    "plain": ((4096, 4), (64, 64, 4)),
+    "weight": ((4096, 4), (64, 64, 4)),
+    "swiglu": ((2048, 4), (64, 64, 4)),
+    "swiglu_bwd": ((2048, 4), (64, 64, 4)),
 }
-_INTERPRETER_STRIPS = ((4, 32, 1), (16, 32, 1))
+_INTERPRETER_STRIPS = ((64, 1), (16, 32, 1))
+
+
+def row_tile(kc: int, budget: int):
+    """(BR, BK) of a row strip of ``budget`` elements for rows of ``kc`` columns."""
+    bk = min(max(16, _next_pow2(kc)), max(16, budget))
+    return max(1, budget // bk), bk
 
 
 def _dual_quantize_strips_impl(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor], offs: Optional[torch.Tensor],
@@ -279,8 +315,8 @@ def _dual_quantize_strips_impl(mode: int, src: torch.Tensor, aux: Optional[torch
         col = torch.empty((ko, ldm) if want_col else (0,), dtype=FP8_DTYPE, device=dev)
         group_rows, stride_cg, stride_ck = 0, 0, ldm
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    (br, bk, wr), (bcr, bc, wc) = tiles or (_INTERPRETER_STRIPS if interp else STRIP_CONFIGS[_tile_key(mode, weight)])
-    bk = min(bk, max(16, _next_pow2(kc)))
+    (budget, wr), (bcr, bc, wc) = tiles or (_INTERPRETER_STRIPS if interp else STRIP_CONFIGS[_tile_key(mode, weight)])
+    br, bk = row_tile(kc, budget)
     bc = min(bc, max(16, _next_pow2(kc)))
     offs_arg = row_inv if weight else offs
     aux_arg = src if aux is None else aux

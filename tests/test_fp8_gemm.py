@@ -161,14 +161,18 @@ def test_gpu_gemms_match_torch_scaled_grouped_mm():
                                     use_fast_accum=True)
     for tma in (False, True):
         got = g.grouped_mm(a, b, sa, sb, offs, config=g.GemmConfig(128, 256, 128, 8, 3, tma))
-        _check_close(got[:end], want[:end], f"vs torch tma={tma}", rtol=5e-3)
+        _check_close(got[:end], want[:end], f"vs torch tma={tma}", rtol=2e-3)
         assert (got[end:] == 0).all()
+    # Hopper's FP8 tensor cores add each 32-wide product with fewer fraction bits than an
+    # fp32 add (the fast accumulation torch's kernel also uses: moeq's output equals it
+    # bitwise above); against an fp32 reference that is a few 1e-4 relative.
     ref = g.grouped_mm_reference(a.cpu(), b.cpu(), sa.cpu(), sb.cpu(), offs.cpu(), out_dtype=torch.float32)
-    _check_close(g.grouped_mm(a, b, sa, sb, offs, out_dtype=torch.float32)[:end].cpu(), ref[:end], "vs reference")
+    _check_close(g.grouped_mm(a, b, sa, sb, offs, out_dtype=torch.float32)[:end].cpu(), ref[:end], "vs reference",
+                 rtol=2e-3)
     # weight gradient
     length = -(-m // 16) * 16
     ac, bc = _fp8((n, length), gen).cuda(), _fp8((k, length), gen).cuda()
     sae, sbe = _pow2((e, n), gen).cuda(), _pow2((e, k), gen).cuda()
     got = g.grouped_mm_wgrad(ac, bc, sae, sbe, offs, out_dtype=torch.float32)
     ref = g.grouped_mm_wgrad_reference(ac.cpu(), bc.cpu(), sae.cpu(), sbe.cpu(), offs.cpu(), out_dtype=torch.float32)
-    _check_close(got.cpu(), ref, "wgrad vs reference")
+    _check_close(got.cpu(), ref, "wgrad vs reference", rtol=2e-3)

@@ -84,13 +84,14 @@ def check_routed_extras(device="cpu") -> None:
         got = s.quantize_dual_strips(x, offs, row_weights=w, weight_col_copy=True)
         want = s.quantize_dual_weighted_reference(x.cpu(), offs.cpu(), w.cpu())
         _assert_same([t.cpu() for t in got[:4]], want, m, "weighted grad_y copies")
-        gu = torch.randn(m, 64, generator=gen).bfloat16().to(device)
-        gh = torch.randn(m, 32, generator=gen).bfloat16().to(device)
-        got, dw = s.swiglu_backward_quantize_strips(gu, gh, offs, row_weights=w)
-        want, want_dw = s.swiglu_backward_weighted_reference(gu.cpu(), gh.cpu(), offs.cpu(), w.cpu())
-        _assert_same([t.cpu() for t in got[:4]], want, m, "weighted SwiGLU backward copies")
-        err = float((dw.cpu() - want_dw).abs().max() / want_dw.abs().max())
-        assert err < 1e-5, f"routing-weight gradient: rel err {err:.3g}"
+        for hdim in (32, 96):  # rows in one tile, and in two sweeps (interpreter tile width 64)
+            gu = torch.randn(m, 2 * hdim, generator=gen).bfloat16().to(device)
+            gh = torch.randn(m, hdim, generator=gen).bfloat16().to(device)
+            got, dw = s.swiglu_backward_quantize_strips(gu, gh, offs, row_weights=w)
+            want, want_dw = s.swiglu_backward_weighted_reference(gu.cpu(), gh.cpu(), offs.cpu(), w.cpu())
+            _assert_same([t.cpu() for t in got[:4]], want, m, f"weighted SwiGLU backward copies (H={hdim})")
+            err = float((dw.cpu() - want_dw).abs().max() / want_dw.abs().max())
+            assert err < 1e-5, f"routing-weight gradient (H={hdim}): rel err {err:.3g}"
         # without weights: the plain SwiGLU backward of the two-pass kernels
         plain, none = s.swiglu_backward_quantize_strips(gu, gh, offs)
         assert none is None
