@@ -17,7 +17,8 @@ import time
 import torch
 
 ROW_CANDIDATES = [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8)]
-COL_CANDIDATES = [(64, 64, 4), (32, 64, 4), (128, 32, 4), (32, 128, 4), (64, 128, 8)]
+COL_CANDIDATES = [(64, 64, 4, False), (128, 32, 4, False), (32, 128, 4, False), (64, 64, 4, True), (128, 32, 4, True),
+                  (128, 64, 8, True), (256, 32, 8, False)]
 F8 = torch.float8_e4m3fn
 
 
@@ -74,7 +75,13 @@ def _precompile(shape, default):
 
 
 def _same(a, b):
-    for x, y in zip(a, b):
+    # every output bitwise, except the routing-weight gradient (index 5): a float32 sum
+    # over the row whose order follows the tile width
+    for i, (x, y) in enumerate(zip(a, b)):
+        if i == 5:
+            if not torch.allclose(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max()) if y.numel() else 0.0):
+                return False
+            continue
         if x.dtype == F8:
             x, y = x.view(torch.uint8), y.view(torch.uint8)
         if not torch.equal(torch.nan_to_num(x.float(), 7.0), torch.nan_to_num(y.float(), 7.0)):

@@ -167,7 +167,7 @@ if HAS_TRITON:
     @triton.jit
     def _col_strip_cast(src_ptr, aux_ptr, w_ptr, base_ptr, s0, s1, r0, lo, end, M, cols, cmask, stride_src, stride_aux,
                         stride_ck, H: tl.constexpr, MODE: tl.constexpr, BR: tl.constexpr, ZERO: tl.constexpr,
-                        HAS_W: tl.constexpr):
+                        HAS_W: tl.constexpr, TRANS_F32: tl.constexpr):
         # the (BR, BC) tile, scaled per column, cast, stored transposed: base_ptr[col, row]
         rows = r0 + tl.arange(0, BR)
         rm = (rows >= lo) & (rows < end)
@@ -182,9 +182,16 @@ if HAS_TRITON:
         else:
             w = tl.load(w_ptr + rows, mask=rm & (rows < M), other=0.0) if HAS_W else tl.zeros((BR,), dtype=tl.float32)
             v0, v1, _ = _load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE, HAS_W)
-            tl.store(cp, tl.trans(_to_e4m3(v0 * s0[None, :])), mask=tmask)
-            if MODE == 2:
-                tl.store(cp + H * stride_ck, tl.trans(_to_e4m3(v1 * s1[None, :])), mask=tmask)
+            # transpose through shared memory as float32 (TRANS_F32: wide accesses) or as e4m3
+            # bytes (a quarter of the bytes, byte-wide shuffles): the faster is measured
+            if TRANS_F32:
+                tl.store(cp, _to_e4m3(tl.trans(v0 * s0[None, :])), mask=tmask)
+                if MODE == 2:
+                    tl.store(cp + H * stride_ck, _to_e4m3(tl.trans(v1 * s1[None, :])), mask=tmask)
+            else:
+                tl.store(cp, tl.trans(_to_e4m3(v0 * s0[None, :])), mask=tmask)
+                if MODE == 2:
+                    tl.store(cp + H * stride_ck, tl.trans(_to_e4m3(v1 * s1[None, :])), mask=tmask)
 
     @triton.jit
     def _col_strip_kernel(
@@ -192,6 +199,7 @@ if HAS_TRITON:
         M, GROUP_ROWS, stride_src, stride_aux, stride_cg, stride_ck,
         KC: tl.constexpr, E: tl.constexpr, H: tl.constexpr, KO: tl.constexpr, MODE: tl.constexpr,
         UNIFORM: tl.constexpr, WRITE_OK: tl.constexpr, HAS_W: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+        TRANS_F32: tl.constexpr,
         SUB: tl.constexpr, EB: tl.constexpr, INTERP: tl.constexpr,
     ):
         """Column copy of one (group, BC columns) strip per program; grid (cdiv(KC, BC), E + 1).
@@ -243,30 +251,31 @@ if HAS_TRITON:
             r0 = start
             while r0 < end:
                 _col_strip_cast(src_ptr, aux_ptr, w_ptr, base, s0, s1, r0, lo, end, M, cols, cmask, stride_src, stride_aux,
-                                stride_ck, H, MODE, BR, g >= E, HAS_W)
+                                stride_ck, H, MODE, BR, g >= E, HAS_W, TRANS_F32)
                 r0 += BR
         else:
             if g < E:
                 for r0 in range(start, end, BR):
                     _col_strip_cast(src_ptr, aux_ptr, w_ptr, base, s0, s1, r0, lo, end, M, cols, cmask, stride_src,
-                                    stride_aux, stride_ck, H, MODE, BR, False, HAS_W)
+                                    stride_aux, stride_ck, H, MODE, BR, False, HAS_W, TRANS_F32)
             else:
                 for r0 in range(start, end, BR):
                     _col_strip_cast(src_ptr, aux_ptr, w_ptr, base, s0, s1, r0, lo, end, M, cols, cmask, stride_src,
-                                    stride_aux, stride_ck, H, MODE, BR, True, HAS_W)
+                                    stride_aux, stride_ck, H, MODE, BR, True, HAS_W, TRANS_F32)
 
 
 # Strip-pass tiles per source kind: row strip (elements per program, num_warps): the tile
 # is as wide as the rows when they fit (one shot, kept in registers; else sweeps of that
-# width) and as many rows tall as fill the budget; column strip (BR, BC, num_warps).
+# width) and as many rows tall as fill the budget; column strip (BR, BC, num_warps,
+# transpose as float32).
 # Chosen by measurement (benchmarks/moe_layer.py --tune-fp8-strips; docs/fp8_gemm.md).
-STRIP_CONFIGS = {
-    "plain": ((4096, 4), (64, 64, 4)),
-    "weight": ((4096, 4), (64, 64, 4)),
-    "swiglu": ((2048, 4), (64, 64, 4)),
-    "swiglu_bwd": ((2048, 4), (64, 64, 4)),
+STRIP_CONFIGS = {  # H200, Qwen3-30B-A3B shapes (benchmarks/results/moe_layer_h200.json)
+    "plain": ((4096, 4), (128, 32, 4, False)),
+    "weight": ((4096, 4), (128, 32, 4, False)),
+    "swiglu": ((2048, 4), (128, 32, 4, False)),
+    "swiglu_bwd": ((2048, 4), (128, 32, 4, False)),
 }
-_INTERPRETER_STRIPS = ((64, 1), (16, 32, 1))
+_INTERPRETER_STRIPS = ((64, 1), (16, 32, 1, False))
 
 
 def row_tile(kc: int, budget: int):
@@ -315,7 +324,9 @@ def _dual_quantize_strips_impl(mode: int, src: torch.Tensor, aux: Optional[torch
         col = torch.empty((ko, ldm) if want_col else (0,), dtype=FP8_DTYPE, device=dev)
         group_rows, stride_cg, stride_ck = 0, 0, ldm
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    (budget, wr), (bcr, bc, wc) = tiles or (_INTERPRETER_STRIPS if interp else STRIP_CONFIGS[_tile_key(mode, weight)])
+    (budget, wr), col_tiles = tiles or (_INTERPRETER_STRIPS if interp else STRIP_CONFIGS[_tile_key(mode, weight)])
+    bcr, bc, wc = col_tiles[:3]
+    trans_f32 = bool(col_tiles[3]) if len(col_tiles) > 3 else False
     br, bk = row_tile(kc, budget)
     bc = min(bc, max(16, _next_pow2(kc)))
     offs_arg = row_inv if weight else offs
@@ -334,7 +345,7 @@ def _dual_quantize_strips_impl(mode: int, src: torch.Tensor, aux: Optional[torch
             src, aux_arg, offs_arg, col, col_inv, ok, w_arg,
             m, group_rows, src.stride(0), stride_aux, stride_cg, stride_ck,
             KC=kc, E=e, H=h, KO=ko, MODE=mode, UNIFORM=weight, WRITE_OK=not (weight or want_row),
-            HAS_W=weight_col_copy, BR=bcr, BC=bc, SUB=ALIGN, EB=eb, INTERP=interp, num_warps=wc,
+            HAS_W=weight_col_copy, BR=bcr, BC=bc, TRANS_F32=trans_f32, SUB=ALIGN, EB=eb, INTERP=interp, num_warps=wc,
         )
     return row, row_inv, col, col_inv, ok, dw
 

@@ -68,6 +68,10 @@ def check_strips_match_two_pass(device="cpu") -> None:
                 got = s._dual_quantize_strips_impl(mode, src, aux, offs, offs.numel(), want_row, want_col)
                 _assert_same(got, want, m, f"mode {mode} row={want_row} col={want_col} m={m}")
                 assert torch.equal(got[4], want[4]), "offs_ok flag"
+            if want_col:  # the column copy transposed as float32 instead of as e4m3 bytes
+                got = s._dual_quantize_strips_impl(mode, src, aux, offs, offs.numel(), False, True,
+                                                   tiles=((64, 1), (16, 32, 1, True)))
+                _assert_same(got, want, m, f"mode {mode} float32 transpose")
     w = torch.randn(3, 48, 80, generator=gen).bfloat16().to(device)
     ref = k.quantize_weight_reference(w.cpu())
     row, row_inv = s.quantize_weight_rows(w)
