@@ -204,6 +204,67 @@ def plot_ep(results_dir: str, out_path: str) -> None:
                       f"a2a {row.get('a2a_fwd_remote_GBps') or float('nan'):.0f} GB/s")
 
 
+def plot_moe_layer(results_dir: str, out_path: str, name: str = "moe_layer_h200.json") -> None:
+    """Routed block (benchmarks/moe_layer.py): speed vs the fastest BF16 and the memory
+    kept for backward vs the 3-GEMM BF16 baseline, per shape and variant, with the FP8
+    targets (>= 1.3x speed, <= 0.6x memory) drawn in."""
+    rows = [r for r in _load(os.path.join(results_dir, name))["rows"] if "error" not in r]
+    shapes = list(OrderedDict.fromkeys(r["shape"] for r in rows))
+    variants = list(OrderedDict.fromkeys(r["variant"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.2))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        for ax, key in zip(axes, ("speed_vs_best_bf16", "saved_vs_bf16")):
+            xs, ys = [], []
+            for j, sh in enumerate(shapes):
+                r = next((r for r in rows if r["shape"] == sh and r["variant"] == v), None)
+                if r is not None and r.get(key) is not None:
+                    xs.append(j + (i - (len(variants) - 1) / 2) * width)
+                    ys.append(r[key])
+            ax.bar(xs, ys, width, label=v, color=_variant_color(v))
+            for x, y in zip(xs, ys):
+                ax.text(x, y + 0.01, f"{y:.2f}", ha="center", va="bottom", fontsize=6.5, rotation=90)
+    axes[0].axhline(FP8_TARGET, color="#a63603", ls="--", lw=1, label="FP8 target 1.3x")
+    axes[0].axhline(1.0, color="k", lw=0.8)
+    axes[0].set_ylabel("speed vs the run's fastest BF16 (higher is better)")
+    axes[1].axhline(0.6, color="#a63603", ls="--", lw=1, label="FP8 target 0.6x")
+    axes[1].set_ylabel("kept for backward, vs BF16 3-GEMM baseline (lower is better)")
+    for ax in axes:
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels([SHAPE_LABELS.get(sh, sh) for sh in shapes], fontsize=8)
+    axes[1].legend(fontsize=7, loc="upper left")
+    fig.suptitle("Routed MoE block (permute-and-pad, SwiGLU experts, combine), fwd+bwd, H200, one run")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=130)
+    plt.close(fig)
+    for r in rows:
+        print(f"{r['shape']:16s} {r['variant'][:48]:48s} {r.get('speed_vs_best_bf16', 0):.2f}x "
+              f"saved {r.get('saved_vs_bf16', 0):.2f}")
+
+
+def plot_gemms(results_dir: str, out_path: str, name: str = "fp8_gemm_h200.json") -> None:
+    """Per-GEMM achieved TFLOP/s (benchmarks/fp8_gemm.py): BF16 torch._grouped_mm, FP8
+    torch._scaled_grouped_mm, moeq's FP8 GEMM (best swept tile) and moeq's MX32 GEMM."""
+    rows = _load(os.path.join(results_dir, name))["gemms"]
+    series = [("BF16 torch._grouped_mm", "bf16_tflops", "#7f7f7f"), ("FP8 torch._scaled_grouped_mm", "torch_fp8_tflops", "#fdae6b"),
+              ("FP8 moeq", "moeq_tflops", "#a63603"), ("MX32 moeq (per-32 promotion)", "mx_tflops", "#08519c")]
+    labels = [f"{r['shape'].split('_')[0]}\n{r['gemm']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(16, 4.8))
+    width = 0.8 / len(series)
+    for i, (lab, key, col) in enumerate(series):
+        xs = [j + (i - 1.5) * width for j, r in enumerate(rows) if r.get(key)]
+        ys = [r[key] for r in rows if r.get(key)]
+        ax.bar(xs, ys, width, label=lab, color=col)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("TFLOP/s")
+    ax.legend(fontsize=8)
+    ax.set_title("The six routed-expert GEMMs, H200, same FP8 operands (fwd, input-gradient, weight-gradient)")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=130)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default=os.path.join(HERE, "results"))
@@ -212,6 +273,8 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     plot_experts(args.results, os.path.join(args.out, "experts_speed_h100.png"))
     plot_ep(args.results, os.path.join(args.out, "ep_scaling_h200.png"))
+    plot_moe_layer(args.results, os.path.join(args.out, "moe_layer_h200.png"))
+    plot_gemms(args.results, os.path.join(args.out, "fp8_gemm_h200.png"))
 
 
 if __name__ == "__main__":
