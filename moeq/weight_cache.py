@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
+from moeq.converted import ConvertedExperts
 from moeq.recipes import QuantizationType
 
 # Name of the attribute holding a module's cache while inside the context.
@@ -110,8 +111,6 @@ def module_weight_cache(module: nn.Module) -> Optional[ExpertWeightCache]:
 
 
 def _cached_modules(model: nn.Module):
-    from moeq.convert import ConvertedExperts
-
     return [(fqn or "<root>", m) for fqn, m in model.named_modules() if isinstance(m, ConvertedExperts)]
 
 
