@@ -36,6 +36,8 @@ import moeq
 import moeq.torchtitan as mt
 from moeq.converted import ConvertedExperts
 from tests.reference import rel_err
+from tests.test_convert import PadCounter
+from tests.test_expert_parallel import _PadSpy, _spawn
 from torchtitan.config import ConfigManager
 from torchtitan.config.override import apply_overrides
 from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention, VarlenAttention
@@ -214,33 +216,20 @@ def test_per_block_compile_fullgraph_matches_eager(family):
 # ------------------------------------------------------------ TorchAOTokenDispatcher
 
 
-@pytest.fixture
-def torchao_permute_on_cpu(monkeypatch):
+def _torchao_permute_on_cpu(set_attr=setattr):
     """torchao's permute_and_pad builds its indices with a Triton kernel (CUDA); on CPU run
     its own CPU reference of that kernel instead."""
     from torchao.prototype.moe_training.ep import kernels
 
-    def fill_indices(tokens_per_expert_group, start_index_values, write_offsets, experts_per_rank, num_ranks,
-                     max_len, **_):
-        return kernels.fill_indices_cpu(
-            tokens_per_expert_group, start_index_values, write_offsets, experts_per_rank, num_ranks, max_len
-        )
+    def fill_indices(*args, **_):  # (counts, starts, write offsets, experts per rank, ranks, max_len)
+        return kernels.fill_indices_cpu(*args[:6])
 
-    monkeypatch.setattr(kernels, "fill_indices_wrapper", fill_indices)
+    set_attr(kernels, "fill_indices_wrapper", fill_indices)
 
 
-class _PadCounter:
-    def __init__(self, monkeypatch):
-        import moeq.padding as padding
-
-        self.calls = 0
-        real = padding.pad_token_groups
-
-        def counted(*a, **k):
-            self.calls += 1
-            return real(*a, **k)
-
-        monkeypatch.setattr(padding, "pad_token_groups", counted)
+@pytest.fixture
+def torchao_permute_on_cpu(monkeypatch):
+    _torchao_permute_on_cpu(monkeypatch.setattr)
 
 
 def _routed_experts(recipe, pad_multiple=None, seed=0):
@@ -307,7 +296,7 @@ def test_torchao_dispatcher_tail_rows_bitwise(monkeypatch, torchao_permute_on_cp
     x, scores, ids, counts = _routing(E, top_k, packed.inner_experts.w1_EFD.shape[-1])
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).bfloat16()
     want = _run_routed(packed, x, scores, ids, counts, grad)
-    counter = _PadCounter(monkeypatch)
+    counter = PadCounter(monkeypatch)
     got = _run_routed(padded, x, scores, ids, counts, grad)
     assert counter.calls == pads
     seen = got[4]
@@ -467,9 +456,7 @@ def case_torchtitan_ep(mesh, recipe, dispatcher, backend):
     from torchtitan.distributed import utils as dist_utils
 
     if dispatcher == "torchao":
-        from torchao.prototype.moe_training.ep import kernels
-
-        kernels.fill_indices_wrapper = lambda *a, **k: kernels.fill_indices_cpu(*a[:6])
+        _torchao_permute_on_cpu()
     parallel_dims_module.device_type = "cpu"  # torchtitan builds its meshes on its accelerator type
     rank, world = dist.get_rank(), dist.get_world_size()
     dist_utils.set_spmd_backend(backend)
@@ -500,10 +487,13 @@ def case_torchtitan_ep(mesh, recipe, dispatcher, backend):
     want = ref(x_ref)
     want.backward(grad_all)
     x = x_all[rank : rank + 1].clone().requires_grad_()
-    with context():
+    with context(), _PadSpy() as spy:
         got = moe(x)
         got.backward(grad_all[rank : rank + 1])
     what = f"recipe={recipe} dispatcher={dispatcher} backend={backend}"
+    # The padding policy under torchtitan's EP: packed groups -> the experts pad once
+    # (fp8/mxfp8); TorchAOTokenDispatcher(pad_multiple=32) -> never.
+    assert spy.calls == (1 if recipe != "bf16" and dispatcher == "standard" else 0), f"pad calls {spy.calls}: {what}"
     assert torch.equal(got, want[rank : rank + 1]), f"EP output differs: {what}"
     assert torch.equal(x.grad, x_ref.grad[rank : rank + 1]), f"EP input gradient differs: {what}"
     ref_experts = ref.routed_experts.inner_experts
@@ -525,8 +515,6 @@ def case_moeq_ep_refuses_torchtitan(mesh):
 
 
 def test_torchtitan_expert_parallel_ep2():
-    from tests.test_expert_parallel import _spawn
-
     _spawn(
         2,
         [
