@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence, Union
 from torch import nn
 
 from moeq.converted import ConvertedExperts
-from moeq.integrations import family_names, find_adapter
+from moeq.integrations import family_names, find_adapter, unsupported_experts
 from moeq.integrations.base import ExpertsAdapter, original_class
 from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, get_kernel, kernel_names
 from moeq.recipes import QuantizationType, RecipeLike, group_alignment, parse_recipe
@@ -128,14 +128,22 @@ def convert_model(
     Raises:
         ValueError: unknown recipe or kernel, nothing matched, or a dim not divisible by
             the recipe's alignment (names the module, the dim and the multiple).
+        TypeError: a torchtitan experts module of a layout moeq does not know (named).
     """
     qtype = parse_recipe(recipe)
     check_kernel(kernel)
     found = []
     for fqn, module in model.named_modules():
         adapter = find_adapter(module)
-        if adapter is not None and _matches(fqn, module, filter_fqns):
+        if not _matches(fqn, module, filter_fqns):
+            continue
+        if adapter is not None:
             found.append((fqn, module, adapter))
+        elif unsupported_experts(module):
+            raise TypeError(
+                f"convert_model cannot convert {fqn or '<root>'}: it is {unsupported_experts(module)}. "
+                f"Leave it out with filter_fqns."
+            )
     if not found:
         what = "routed-experts modules" if filter_fqns is None else f"experts modules matching filter_fqns={filter_fqns!r}"
         raise ValueError(

@@ -40,7 +40,7 @@ from torchtitan.models.common.moe import GroupedExperts, RoutedExperts
 
 from moeq.convert import check_dims, check_kernel, convert_experts_module
 from moeq.integrations import find_adapter
-from moeq.integrations.torchtitan import TORCHTITAN_ADAPTERS, dispatcher_alignment
+from moeq.integrations.torchtitan import TORCHTITAN_ADAPTERS, dispatcher_alignment, unknown_torchtitan_experts
 from moeq.recipes import RecipeLike, group_alignment, parse_recipe
 
 __all__ = ["Converter", "bf16", "convert_model_config", "fp8", "moeq_experts_config", "mxfp8"]
@@ -84,11 +84,8 @@ def _moeq_config_class(stock: type) -> type:
 def _torchtitan_adapter(module: torch.nn.Module, fqn: str):
     adapter = find_adapter(module)
     if adapter not in TORCHTITAN_ADAPTERS:
-        raise TypeError(
-            f"moeq cannot convert {fqn} ({type(module).__name__}): it converts torchtitan experts whose weights are "
-            f"{', '.join(a.family + ' ' + str(tuple(a.parameters)) for a in TORCHTITAN_ADAPTERS)}; leave this layer "
-            f"out with fqns=[...]"
-        )
+        why = unknown_torchtitan_experts(module) or f"a {type(module).__name__}, not torchtitan experts"
+        raise TypeError(f"moeq cannot convert {fqn}: it is {why}. Leave this layer out with fqns=[...]")
     return adapter
 
 

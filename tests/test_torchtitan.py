@@ -340,6 +340,19 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="its hidden_dim is 48, not a multiple of 32"):
         mt.convert_model_config(cfg, "mxfp8")
     mt.convert_model_config(cfg, "fp8")  # 48 is a multiple of 16
+    # A GroupedExperts layout moeq does not know (torchtitan's fused-w13 override) is named, not skipped.
+    from torchtitan.overrides.fused_swiglu import fused_grouped_experts
+
+    fused_cfg = registry(flavor).model
+    for _, experts, parent, attr in list(fused_cfg.traverse(GroupedExperts.Config)):
+        setattr(parent, attr, fused_grouped_experts(experts))
+    with pytest.raises(TypeError, match=r"FusedGroupedExperts with parameters \['w2_EDF', 'w13'\]"):
+        mt.convert_model_config(fused_cfg, "mxfp8")
+    with torch.device("meta"):
+        fused_model = fused_cfg.build()
+    with pytest.raises(TypeError, match=r"cannot convert layers\.1\.moe\.routed_experts\.inner_experts: it is a "
+                       r"torchtitan FusedGroupedExperts"):
+        moeq.convert_model(fused_model, "mxfp8")
 
 
 def test_convert_model_by_hand_on_a_built_model():

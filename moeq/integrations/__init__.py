@@ -19,7 +19,7 @@ from torch import nn
 
 from moeq.integrations.base import ExpertsAdapter
 from moeq.integrations.native import MOEQ_EXPERTS
-from moeq.integrations.torchtitan import TORCHTITAN_ADAPTERS
+from moeq.integrations.torchtitan import TORCHTITAN_ADAPTERS, unknown_torchtitan_experts
 from moeq.integrations.transformers import TRANSFORMERS_EXPERTS
 
 # First match wins: specific families before generic ones.
@@ -34,9 +34,15 @@ def find_adapter(module: nn.Module) -> Optional[ExpertsAdapter]:
     return next((a for a in ADAPTERS if a.matches(module)), None)
 
 
+def unsupported_experts(module: nn.Module) -> Optional[str]:
+    """Why ``module``, an experts module of a known framework but of no adapter's layout,
+    cannot be converted (convert_model raises rather than skip it); None otherwise."""
+    return unknown_torchtitan_experts(module)
+
+
 def family_names() -> str:
     """The families moeq converts, for messages."""
     return ", ".join(a.family for a in ADAPTERS)
 
 
-__all__ = ["ADAPTERS", "ExpertsAdapter", "family_names", "find_adapter"]
+__all__ = ["ADAPTERS", "ExpertsAdapter", "family_names", "find_adapter", "unsupported_experts"]

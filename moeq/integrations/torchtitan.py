@@ -210,3 +210,13 @@ TORCHTITAN_ADAPTERS = (TORCHTITAN_GPT_OSS_EXPERTS, TORCHTITAN_EXPERTS, TORCHTITA
 def is_torchtitan_experts(module: nn.Module) -> bool:
     """True for a torchtitan experts module of any family moeq knows, converted or not."""
     return any(a.matches(module) for a in TORCHTITAN_ADAPTERS)
+
+
+def unknown_torchtitan_experts(module: nn.Module) -> Optional[str]:
+    """Why moeq cannot convert ``module`` if it is a torchtitan ``GroupedExperts`` (subclass)
+    of no family moeq knows (e.g. ``FusedGroupedExperts``' fused w13), else None."""
+    if not _torchtitan_class(module, "GroupedExperts") or is_torchtitan_experts(module):
+        return None
+    params = [n for n, _ in module.named_parameters(recurse=False)]
+    known = "; ".join(f"{a.family}: {', '.join(a.parameters)}" for a in TORCHTITAN_ADAPTERS)
+    return f"a torchtitan {type(module).__name__} with parameters {params}, a layout moeq does not know ({known})"
