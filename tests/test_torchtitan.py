@@ -184,6 +184,26 @@ def test_override_imports_route(family, recipe):
     _check_converted(family, model_config, recipe)
 
 
+def test_config_function_route_as_documented(tmp_path, monkeypatch):
+    """docs/torchtitan.md's config function, loaded by torchtitan's ConfigManager (--module)."""
+    (tmp_path / "my_moeq_configs.py").write_text(
+        "import moeq.torchtitan\n"
+        "from torchtitan.models.deepseek_v3 import model_registry\n"
+        "from torchtitan.models.deepseek_v3.config_registry import deepseek_v3_debugmodel\n\n\n"
+        "def deepseek_v3_debugmodel_moeq_mxfp8():\n"
+        "    config = deepseek_v3_debugmodel()\n"
+        "    config.model_spec = model_registry(\n"
+        "        'debugmodel', converters=[moeq.torchtitan.Converter.Config(recipe='mxfp8')]\n"
+        "    )\n"
+        "    return config\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = ConfigManager().parse_args(["--module", "my_moeq_configs", "--config", "deepseek_v3_debugmodel_moeq_mxfp8"])
+    experts = [c for _, c, _, _ in config.model_spec.model.traverse(GroupedExperts.Config)]
+    assert experts and all(type(c).__qualname__ == "MoeqGroupedExperts.Config" for c in experts)
+    assert {c.moeq_recipe for c in experts} == {"mxfp8"}
+
+
 # ----------------------------------------------------------------------------- compile
 
 
