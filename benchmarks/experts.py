@@ -362,6 +362,8 @@ def parse_bench_args(doc, shapes, variants, argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke-test the script only")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--tune-fp8-strips", action="store_true",
+                   help="sweep the FP8 strip-pass tiles per shape first and use the fastest (benchmarks/fp8_tune.py)")
     return p.parse_args(argv)
 
 

@@ -104,9 +104,10 @@ def routed_swiglu_experts(
         weight_cache: the module's ``ExpertWeightCache`` or None (see swiglu_experts_quantized).
     Returns:
         (T, D) in tokens.dtype.
-    Where a fused kernel can take the tokens straight from the routing (MXFP8 on SM90:
-    the gather is fused into the fake-quant pass), it does; otherwise tokens are
-    permuted and padded to the recipe's alignment in one pass.
+    Where a fused kernel can take the tokens straight from the routing (SM90: MXFP8 fuses
+    the gather into the fake-quant pass; FP8 folds the routing weights into the down
+    GEMM's epilogue), it does; otherwise tokens are permuted and padded to the recipe's
+    alignment in one pass.
     """
     num_experts = gate_up_proj.shape[0]
     align = group_alignment(qtype)
@@ -116,6 +117,15 @@ def routed_swiglu_experts(
 
         qw = cached_weights(weight_cache, qtype, tokens, gate_up_proj, down_proj)
         return mxfp8_routed_swiglu_experts(
+            tokens, expert_indices, expert_weights, gate_up_proj, down_proj, quantized_weights=qw
+        )
+    if qtype is QuantizationType.FP8 and fused is not None and tokens.dtype == torch.bfloat16:
+        # routing weights folded into the down GEMM's epilogue, their gradient into the
+        # SwiGLU backward pass (moeq/quant/fp8_hopper.py)
+        from moeq.quant.fp8_hopper import fp8_routed_swiglu_experts
+
+        qw = cached_weights(weight_cache, qtype, tokens, gate_up_proj, down_proj)
+        return fp8_routed_swiglu_experts(
             tokens, expert_indices, expert_weights, gate_up_proj, down_proj, quantized_weights=qw
         )
     grouped, counts, layout = _padding.permute_and_pad(tokens, expert_indices, num_experts, align)
