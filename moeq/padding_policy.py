@@ -37,7 +37,10 @@ def needs_padding(qtype: QuantizationType, incoming_alignment: Optional[int]) ->
 
     ``incoming_alignment`` is what the caller guarantees about the tokens it hands over:
     ``None`` (groups packed back to back) or ``a`` (every group starts at a multiple of
-    ``a``: moeq.MoE's permute-and-pad, or moeq's EP dispatch, already padded them).
+    ``a``: moeq.MoE's permute-and-pad, moeq's EP dispatch, or torchtitan's
+    ``TorchAOTokenDispatcher(pad_multiple=a)`` already padded them).
+    ``moeq.expert_gemms.align_token_groups`` applies the decision (torchtitan's slack
+    tail rows included).
 
     The seven cases (pad = this layer runs pad before and unpad after its GEMMs):
 

@@ -23,8 +23,8 @@ Scope: the cache lives on the modules (an attribute set on entry, removed on exi
 a global. It is used by the fused Hopper path of ``moeq.GroupedExperts`` / ``moeq.MoE`` and
 of transformers plain-SwiGLU experts converted with ``moeq.convert_model``; the per-GEMM
 kernels (``quantized_grouped_mm``: kernel="torch", "emulated", ..., any non-SM90 device),
-the BF16 recipe and torchtitan experts quantize as before (the context is a no-op for
-them). Under ``torch.compile`` the lookup (which reads ``_version``) is skipped and the
+the BF16 recipe and torchtitan experts (their gate|up weight is concatenated per call)
+quantize as before (the context is a no-op for them). Under ``torch.compile`` the lookup (which reads ``_version``) is skipped and the
 weights are quantized in the graph as usual: the cache is an eager-mode optimization.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
+from moeq.converted import ConvertedExperts
 from moeq.recipes import QuantizationType
 
 # Name of the attribute holding a module's cache while inside the context.
@@ -110,8 +111,6 @@ def module_weight_cache(module: nn.Module) -> Optional[ExpertWeightCache]:
 
 
 def _cached_modules(model: nn.Module):
-    from moeq.convert import ConvertedExperts
-
     return [(fqn or "<root>", m) for fqn, m in model.named_modules() if isinstance(m, ConvertedExperts)]
 
 

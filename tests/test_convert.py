@@ -232,11 +232,11 @@ def test_transformers_models_convert_and_train(name, recipe):
     assert len(converted.moeq_converted_fqns) == cfg.num_hidden_layers
     assert all(fqn.endswith("mlp.experts") for fqn in converted.moeq_converted_fqns)
     assert sum(isinstance(m, ConvertedExperts) for m in converted.modules()) == cfg.num_hidden_layers
-    from moeq.convert import _is_plain_swiglu
+    from moeq.integrations.transformers import TRANSFORMERS_EXPERTS
 
     experts = [m for m in converted.modules() if isinstance(m, ConvertedExperts)]
     # GPT-OSS (biases, interleaved gate/up, clamped activation) takes the per-GEMM path.
-    assert all(_is_plain_swiglu(m) == (name != "gpt_oss") for m in experts)
+    assert all(TRANSFORMERS_EXPERTS.is_plain_swiglu(m) == (name != "gpt_oss") for m in experts)
     # Routers, attention and embeddings untouched.
     assert type(converted.model.embed_tokens) is type(base.model.embed_tokens)
 
@@ -257,10 +257,31 @@ def test_transformers_models_convert_and_train(name, recipe):
     assert abs(losses[-1] - ref_losses[-1]) <= 0.15 * ref_losses[-1] + 0.05, (losses[-1], ref_losses[-1])
 
 
-def test_torchtitan_experts_if_importable():
-    pytest.importorskip("torchtitan")
-    from torchtitan.models.moe import GroupedExperts as TTExperts  # type: ignore
+@pytest.mark.parametrize("recipe", ["bf16", "fp8", "mxfp8"])
+def test_torchtitan_grouped_experts_convert(recipe):
+    """torchtitan 0.3's GroupedExperts (w1_EFD/w2_EDF/w3_EFD), built from its Config, converted
+    by hand: same parameters, forward and gradients within the recipe's error of the original."""
+    from torchtitan.models.common.moe import GroupedExperts as TTExperts
 
-    e = TTExperts(dim=64, hidden_dim=64, num_experts=4, use_grouped_mm=True)
-    convert_model(e, "mxfp8", kernel="emulated")
-    assert isinstance(e, ConvertedExperts)
+    torch.manual_seed(0)
+    experts = TTExperts.Config(dim=64, hidden_dim=64, num_experts=4).build()
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.1)
+    ref = copy.deepcopy(experts)
+    params = [id(p) for p in experts.parameters()]
+    convert_model(experts, recipe, kernel="emulated")
+    assert isinstance(experts, ConvertedExperts) and isinstance(experts, TTExperts)
+    assert [id(p) for p in experts.parameters()] == params
+    counts = torch.tensor([5, 0, 19, 8])
+    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    xr, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want, got = ref(xr, counts), experts(xc, counts)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert rel_err(got, want) <= ERROR_BOUND[recipe]
+    g = torch.randn_like(want)
+    want.backward(g)
+    got.backward(g)
+    assert rel_err(xc.grad, xr.grad) <= ERROR_BOUND[recipe]
+    for (name, p), q in zip(experts.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) <= ERROR_BOUND[recipe], name

@@ -80,7 +80,7 @@ def case_hf_experts(mesh, kind, recipe, sizes, fused=True, quantize_dispatch=Fal
     model = _hf_experts(kind, recipe)
     moeq.apply_expert_parallel(model, mesh, fused=fused, quantize_dispatch=quantize_dispatch)
     if quantize_dispatch:
-        from moeq.parallel.hf_experts import HFLocalExperts
+        from moeq.integrations.transformers import HFLocalExperts
 
         assert model.experts.moeq_expert_dispatcher.uses_quantized_dispatch(HFLocalExperts(model.experts))
     assert model.moeq_expert_parallel_fqns == ["experts"]

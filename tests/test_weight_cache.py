@@ -7,7 +7,7 @@ subprocess, with tests/test_fp8_hopper.py's emulation of ``torch._scaled_grouped
 the weight passes run once per context; a weight changed inside the context raises;
 exiting drops the cache; nesting and unconverted models raise; the per-GEMM paths ignore
 it; torch.compile bypasses it. The fused Hopper path only runs on SM90, so the end-to-end
-tests route converted models to it by patching ``moeq.convert.fused_experts_kernel``.
+tests route converted models to it by patching ``moeq.expert_gemms.fused_experts_kernel``.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 def _use_fused(monkeypatch) -> None:
     """Send converted experts to the fused Hopper functions on CPU (their CPU/emulated ops)."""
-    import moeq.convert as conv
+    import moeq.expert_gemms as conv
 
     def fused(qtype, kernel, device):
         if qtype is QuantizationType.FP8:
@@ -345,7 +345,7 @@ def test_compile_fullgraph_bypasses_the_cache(monkeypatch):
 
 def _check_fp8_cached_bitwise() -> None:
     """Run under TRITON_INTERPRET=1: fp8_swiglu_experts with precomputed / cached weights."""
-    import moeq.convert as conv
+    import moeq.expert_gemms as conv
     from moeq.convert import convert_model
     from moeq.quant import fp8_hopper as fh
     from tests.test_fp8_hopper import emulated_scaled_grouped_mm

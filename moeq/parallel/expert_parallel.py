@@ -340,17 +340,17 @@ def apply_expert_parallel(
         )
     ep_mesh = _ep_mesh(device_mesh)
     ep = ep_mesh.size()
-    from moeq.convert import _is_torchtitan_experts  # local: convert imports torchao
+    from moeq.integrations import find_adapter  # local: the adapters import torchao
     from moeq.parallel.hf_experts import check_hf_experts, find_hf_experts
 
     moes = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, MoE)]
     inside = {id(m.experts) for _, m in moes}
     for fqn, m in model.named_modules():
-        if id(m) not in inside and not isinstance(m, GroupedExperts) and _is_torchtitan_experts(m):
+        adapter = None if id(m) in inside else find_adapter(m)
+        if adapter is not None and adapter.expert_parallel_unsupported:
             raise NotImplementedError(
-                f"{fqn or '<root>'} is a torchtitan GroupedExperts: use torchtitan's own expert parallelism "
-                f"(its dispatch moves the tokens); moeq-converted torchtitan experts run on whatever groups it "
-                f"hands them, padding each group to the recipe's GROUP_ALIGNMENT themselves"
+                f"{fqn or '<root>'} is a {adapter.family} ({type(m).__name__}), which moeq.apply_expert_parallel "
+                f"does not shard: {adapter.expert_parallel_unsupported}"
             )
     hf = [(fqn, m) for fqn, m in find_hf_experts(model) if id(m) not in inside and not isinstance(m, GroupedExperts)]
     if not moes and not hf:

@@ -1,110 +1,35 @@
-"""Expert parallelism for transformers 5.x experts modules converted by ``moeq.convert_model``.
+"""Expert parallelism setup for transformers 5.x experts modules converted by ``moeq.convert_model``.
 
 A transformers experts module (``@use_experts_implementation``: Qwen3-MoE, Mixtral,
 OLMoE, DeepSeek-V3, GPT-OSS, ...) receives each layer's routing from its MoE block:
 ``forward(hidden_states (T, D), top_k_index (T, k), top_k_weights (T, k))``. Under
 ``moeq.apply_expert_parallel`` its per-expert weights (and biases) become DTensors
-sharded ``Shard(0)`` over ``mesh["ep"]``, it gets an
+sharded ``Shard(0)`` over ``mesh["ep"]`` and it gets an
 :class:`~moeq.parallel.expert_parallel.ExpertParallelDispatcher` in
-``moeq_expert_dispatcher``, and the converted forward (``moeq.convert.hf_experts_forward``)
-hands its tokens to the dispatcher, which runs :class:`HFLocalExperts` on the tokens it
-laid out for this rank's experts. The router stays replicated, as for ``moeq.MoE``.
+``moeq_expert_dispatcher``; the converted forward (moeq/integrations/transformers.py)
+hands its tokens to the dispatcher, which runs ``HFLocalExperts`` on the tokens it laid
+out for this rank's experts. The router stays replicated, as for ``moeq.MoE``.
 
-The module must be converted first (any recipe, ``"bf16"`` included): the recipe fixes
-the padded layout the dispatcher writes, and the converted forward is what consults the
+This module holds the setup side: finding those modules and checking them. The module
+must be converted first (any recipe, ``"bf16"`` included): the recipe fixes the padded
+layout the dispatcher writes, and the converted forward is what consults the
 dispatcher. An unconverted module is refused with an error naming the call to make.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
-from torch import Tensor, nn
+from torch import nn
 
-from moeq.experts import group_end_offsets, swiglu_experts
-from moeq.padding_policy import local_tensor as _local
-from moeq.recipes import QuantizationType
+from moeq.converted import ConvertedExperts
+from moeq.integrations.transformers import EXPERT_PARAMETERS, TRANSFORMERS_EXPERTS
 
-# Per-expert tensors of a transformers experts module (leading dim E): what EP shards.
-EXPERT_PARAMETERS = (
-    "gate_up_proj",
-    "up_proj",
-    "down_proj",
-    "gate_up_proj_bias",
-    "up_proj_bias",
-    "down_proj_bias",
-)
-
-
-class HFLocalExperts:
-    """The dispatcher's experts interface over a converted transformers experts module.
-
-    ``ExpertParallelDispatcher`` calls ``experts(x, num_tokens_per_expert,
-    group_alignment=a)`` (moeq.GroupedExperts' contract) and reads ``moeq_recipe``;
-    this adapter answers both for ``module``, computing on its local expert shard.
-    """
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    @property
-    def moeq_recipe(self) -> QuantizationType:
-        return self.module.moeq_recipe
-
-    def __call__(self, x: Tensor, num_tokens_per_expert: Tensor, *, group_alignment: Optional[int] = None) -> Tensor:
-        """Local experts on rows the dispatcher laid out.
-
-        Args:
-            x: (P, D) rows in local-expert order, group j starting at a multiple of
-                ``group_alignment`` (zero padding rows between groups, no slack).
-            num_tokens_per_expert: (E_l,) int64 real rows per local expert.
-            group_alignment: the alignment the dispatcher padded to (the recipe's).
-        Returns:
-            (P, D); padding rows hold arbitrary values (the combine never reads them).
-        """
-        return hf_local_experts(self.module, x, num_tokens_per_expert, group_alignment)
-
-
-def hf_local_experts(module: nn.Module, x: Tensor, counts: Tensor, align: Optional[int]) -> Tensor:
-    """The single-device converted forward's expert math, on the local shard (see HFLocalExperts).
-
-    Plain SwiGLU experts take the path ``hf_experts_forward`` takes for them; the others
-    (biases, transposed / interleaved weights, other activations) the per-GEMM path.
-    """
-    from moeq.convert import _is_plain_swiglu, _swiglu_experts_quantized, hf_generic_experts
-
-    if align != module.group_alignment:
-        raise RuntimeError(
-            f"expert-parallel tokens arrive aligned to {align}, but {type(module).__name__}'s recipe "
-            f"{module.moeq_recipe.value} needs {module.group_alignment}: the recipe changed after the dispatch "
-            f"was planned"
-        )
-    if not _is_plain_swiglu(module):
-        return hf_generic_experts(module, x, counts, align)
-    w13, w2 = _local(module.gate_up_proj), _local(module.down_proj)
-    qtype = module.moeq_recipe
-    if qtype is QuantizationType.BF16:
-        return swiglu_experts(x, w13, w2, counts, group_alignment=align)
-    return _swiglu_experts_quantized(x, w13, w2, group_end_offsets(counts, align), qtype, module.moeq_kernel)
-
-
-def hf_expert_parallel_forward(module: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor):
-    """``hf_experts_forward`` under expert parallelism.
-
-    Args:
-        hidden_states: (T, D) this rank's tokens. top_k_index: (T, k) global expert ids.
-        top_k_weights: (T, k) routing weights.
-    Returns:
-        (T, D) in hidden_states.dtype: each token's k expert outputs, weighted and summed.
-    """
-    out = module.moeq_expert_dispatcher(hidden_states, top_k_index, top_k_weights, HFLocalExperts(module))
-    return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+__all__ = ["EXPERT_PARAMETERS", "check_hf_experts", "find_hf_experts"]
 
 
 def find_hf_experts(model: nn.Module):
     """(fqn, module) of every transformers experts module in ``model``, converted or not."""
-    from moeq.convert import _is_hf_experts
-
-    return [(fqn, m) for fqn, m in model.named_modules() if _is_hf_experts(m)]
+    return [(fqn, m) for fqn, m in model.named_modules() if TRANSFORMERS_EXPERTS.matches(m)]
 
 
 def check_hf_experts(fqn: str, module: nn.Module, ep: int) -> List[str]:
@@ -115,8 +40,6 @@ def check_hf_experts(fqn: str, module: nn.Module, ep: int) -> List[str]:
             transformers' own expert parallelism on it, or moeq EP already applied.
         NotImplementedError: a direct parameter EP does not know how to shard.
     """
-    from moeq.convert import ConvertedExperts
-
     name = fqn or "<root>"
     if not isinstance(module, ConvertedExperts):
         raise ValueError(

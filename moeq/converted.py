@@ -1,0 +1,40 @@
+"""The mark of an experts module converted by ``moeq.convert_model``.
+
+A converted module's class is a subclass of its original class mixing in
+:class:`ConvertedExperts` (made by its family's adapter, moeq/integrations/); the
+instance carries the recipe and kernel choice as plain attributes. Parameters, buffers
+and state_dict keys are the original module's.
+
+This module sits low in the import order (it imports only moeq.recipes) so that the
+weight cache, the expert GEMMs, the adapters and convert_model can all name the marker
+without importing each other.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from moeq.recipes import QuantizationType
+
+
+class ConvertedExperts:
+    """Mixin marking a converted experts module.
+
+    Attributes (set per instance by the conversion):
+        moeq_recipe: the recipe of its GEMMs.
+        moeq_kernel: the user's kernel choice ("auto", "triton", "emulated", or a
+            per-GEMM kernel name).
+        group_alignment: rows the recipe's GEMMs want each token group to start at
+            (``moeq.group_alignment(moeq_recipe)``; None for BF16).
+        moeq_incoming_alignment: what the caller guarantees about the token groups it
+            hands over (every group starts at a multiple of it), or None (packed): a
+            torchtitan dispatcher that pads (``TorchAOTokenDispatcher.pad_multiple``)
+            sets it. Callers that pass ``group_alignment=`` per call (moeq.MoE, the EP
+            dispatch) leave it None.
+    Class attribute:
+        moeq_adapter: the :class:`moeq.integrations.base.ExpertsAdapter` of its family.
+    """
+
+    moeq_recipe: QuantizationType
+    moeq_kernel: str
+    group_alignment: Optional[int] = None
+    moeq_incoming_alignment: Optional[int] = None

@@ -1,0 +1,71 @@
+"""Adapter for moeq's own ``GroupedExperts`` (also inside ``moeq.MoE``).
+
+Its callers say per call how the token groups are laid out
+(``forward(x, num_tokens_per_expert, group_alignment=a)``: moeq.MoE's permute-and-pad and
+the EP dispatch pass the recipe's alignment), so nothing is read at conversion.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+from moeq.converted import ConvertedExperts
+from moeq.expert_gemms import grouped_swiglu_experts, routed_swiglu_experts
+from moeq.experts import GroupedExperts
+from moeq.integrations.base import ExpertsAdapter, local_parameters
+from moeq.padding_policy import local_tensor as _local
+from moeq.recipes import QuantizationType
+from moeq.weight_cache import module_weight_cache
+
+
+class QuantizedGroupedExperts(ConvertedExperts, GroupedExperts):
+    """moeq.GroupedExperts whose GEMMs follow ``moeq_recipe``; pads only when needed."""
+
+    def forward(self, x, num_tokens_per_expert, *, group_alignment=None):
+        """Same contract as :meth:`GroupedExperts.forward`; see moeq.padding_policy for padding."""
+        qtype = self.moeq_recipe
+        if qtype is QuantizationType.BF16:
+            return super().forward(x, num_tokens_per_expert, group_alignment=group_alignment)
+        return grouped_swiglu_experts(
+            x, _local(self.gate_up_proj), _local(self.down_proj), num_tokens_per_expert, qtype, self.moeq_kernel,
+            incoming_alignment=group_alignment, weight_cache=module_weight_cache(self),
+        )
+
+    def routed_forward(self, tokens, expert_indices, expert_weights):
+        """Same contract as :meth:`GroupedExperts.routed_forward`, in ``moeq_recipe``."""
+        if self.moeq_recipe is QuantizationType.BF16:
+            return super().routed_forward(tokens, expert_indices, expert_weights)
+        w13, w2 = _local(self.gate_up_proj), _local(self.down_proj)
+        return routed_swiglu_experts(
+            tokens, expert_indices, expert_weights, w13, w2, self.moeq_recipe, self.moeq_kernel,
+            weight_cache=module_weight_cache(self),
+        )
+
+
+class MoeqExpertsAdapter(ExpertsAdapter):
+    """moeq.GroupedExperts (gate_up_proj (E, 2H, D), down_proj (E, D, H))."""
+
+    family = "moeq.GroupedExperts"
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, GroupedExperts)
+
+    def dims(self, module: nn.Module) -> Dict[str, int]:
+        return {"dim": module.dim, "hidden_dim": module.hidden_dim}
+
+    def local_weights(self, module: nn.Module) -> Dict[str, torch.Tensor]:
+        return local_parameters(module, ("gate_up_proj", "down_proj"))
+
+    def forward(self, module, x, num_tokens_per_expert, *, group_alignment=None):
+        return QuantizedGroupedExperts.forward(module, x, num_tokens_per_expert, group_alignment=group_alignment)
+
+    def converted_class(self, cls: type) -> type:
+        # Every GroupedExperts (ShardedGroupedExperts included) becomes the one quantized
+        # class: its forward computes on the local shard as GroupedExperts' does.
+        return QuantizedGroupedExperts
+
+
+MOEQ_EXPERTS = MoeqExpertsAdapter()
+QuantizedGroupedExperts.moeq_adapter = MOEQ_EXPERTS
