@@ -23,7 +23,9 @@ syncs. Inputs arrive validated (shapes, dtypes, alignments: moeq/quant/grouped_m
 
 Built-in kernels: ``"emulated"`` (quantize/dequantize + ``torch._grouped_mm``; CPU and
 any GPU; every recipe), ``"torch"`` (``torch._scaled_grouped_mm`` FP8 rowwise on
-SM90/SM100; BF16 via ``torch._grouped_mm``). Other modules add
+SM90/SM100; BF16 via ``torch._grouped_mm``) and ``"torchao"`` (torchao's FP8 rowwise and
+MXFP8 grouped GEMMs, a whole-op kernel: moeq/quant/torchao_kernel.py, which imports
+torchao only when that kernel is asked whether it can run, or runs). Other modules add
 kernels with ``register_kernel``; list a module that registers on import in
 ``KERNEL_PLUGIN_MODULES`` so selection imports it first (the first selection must then
 run eagerly: dynamo cannot trace ``importlib``).
@@ -35,7 +37,7 @@ can be described without one (``DeviceInfo("cuda", 0, (10, 0))``). ``"auto"`` ta
 highest-priority kernel that runs the recipe **natively** there (low-precision GEMMs on
 the hardware; for BF16 plain bf16 GEMMs); only when none does it falls back to
 ``"emulated"``. On a GPU that fallback (and any other choice that ends up emulating the
-recipe) is announced once per process and
+recipe, e.g. ``"torchao"`` on a non-SM100 GPU) is announced once per process and
 (kernel choice, recipe, device) with an ``EmulatedKernelWarning`` naming the device and
 the faster kernels with what they need. On CPU emulation is the only way to run FP8/MXFP8
 (no CPU has FP8 GEMMs), so there it is expected and not warned about. ``kernel="emulated"``
@@ -55,12 +57,14 @@ import torch
 
 from moeq.quant import emulated as _emulated
 from moeq.quant import scaled_mm as _scaled
+from moeq.quant import torchao_kernel as _torchao  # light: torchao itself loads on first use
 from moeq.quant.device import DeviceInfo, DeviceLike, device_info
 from moeq.recipes import QuantizationType, RecipeLike, parse_recipe
 
 KERNEL_AUTO = "auto"
 KERNEL_EMULATED = "emulated"
 KERNEL_TORCH = "torch"
+KERNEL_TORCHAO = "torchao"
 KERNEL_TRITON = "triton"  # reserved for the Triton kernels in moeq.kernels (issues 5/6)
 
 # Modules imported (once, on first selection) so the kernels they register are known.
@@ -321,7 +325,7 @@ def _torch_reason(qtype: QuantizationType, device: DeviceInfo) -> Optional[str]:
         )
     return (
         "MXFP8 through torch._scaled_grouped_mm (SM100 blocked e8m0 scale layouts) is not "
-        "implemented in moeq's 'torch' kernel"
+        "implemented in moeq's 'torch' kernel: use kernel='torchao'"
     )
 
 
@@ -353,6 +357,18 @@ register_kernel(
         unsupported_reason=_emulated_reason,
         emulation_reason=_emulated_how,
         priority=0,
+    )
+)
+register_kernel(
+    GroupedMMKernel(
+        name=KERNEL_TORCHAO,
+        qtypes=frozenset({QuantizationType.FP8, QuantizationType.MXFP8}),
+        grouped_mm=_torchao.torchao_grouped_mm,
+        unsupported_reason=_torchao.unsupported_reason,
+        emulation_reason=_torchao.emulation_reason,
+        # MXFP8: above "torch" (which has no MXFP8), so auto takes it where it is native
+        # (SM100). FP8: below "torch" (same numerics, without the re-layout copies).
+        priority={QuantizationType.MXFP8: 20, QuantizationType.FP8: 5},
     )
 )
 register_kernel(
