@@ -450,17 +450,18 @@ def test_named_kernel_that_cannot_run_raises_with_the_fix():
 
 @pytest.mark.parametrize("cap,qtype,ok", [((9, 0), "fp8", True), ((10, 0), "fp8", True), ((8, 0), "fp8", False),
                                          ((9, 0), "mxfp8", False), ((10, 0), "mxfp8", False)])
-def test_torch_kernel_architecture_guard(monkeypatch, cap, qtype, ok):
-    monkeypatch.setattr(dispatch, "_cuda_capability", lambda device: cap)
-    monkeypatch.setattr(torch.version, "hip", None)
+def test_torch_kernel_architecture_guard(cap, qtype, ok):
+    dev = dispatch.DeviceInfo("cuda", 0, cap)  # a description: no GPU is touched
     if ok:
-        assert dispatch.select_kernel("torch", qtype, "cuda").name == "torch"
+        assert dispatch.select_kernel("torch", qtype, dev).name == "torch"
         return
     with pytest.raises(RuntimeError, match=r"kernel='torch' cannot run .* kernel='emulated'") as err:
-        dispatch.select_kernel("torch", qtype, "cuda")
+        dispatch.select_kernel("torch", qtype, dev)
     if qtype == "mxfp8" and cap[0] == 9:
         assert "crashes the CUDA context" in str(err.value)
-    assert dispatch.select_kernel("auto", qtype, "cuda").name == "emulated"
+    assert dispatch.choose_kernel("auto", qtype, dev).name == "emulated"
+    with pytest.raises(RuntimeError, match="cannot run fp8 on cuda:0 .ROCm.: torch._scaled_grouped_mm needs an NVIDIA"):
+        dispatch.select_kernel("torch", "fp8", dispatch.DeviceInfo("cuda", 0, (9, 4), hip=True))
 
 
 def test_registered_kernel_wins_auto_by_priority(monkeypatch):

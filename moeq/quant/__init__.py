@@ -2,13 +2,18 @@
 
 See docs/recipes.md for what each recipe quantizes where.
 """
+from moeq.quant.device import DeviceInfo, device_info
 from moeq.quant.dispatch import (
     KERNEL_AUTO,
     KERNEL_EMULATED,
     KERNEL_TORCH,
+    KERNEL_TORCHAO,
     KERNEL_TRITON,
+    EmulatedKernelWarning,
     GroupedMMKernel,
     available_kernels,
+    choose_kernel,
+    emulation_notice,
     kernel_names,
     register_kernel,
     select_kernel,
@@ -34,10 +39,16 @@ __all__ = [
     "KERNEL_AUTO",
     "KERNEL_EMULATED",
     "KERNEL_TORCH",
+    "KERNEL_TORCHAO",
     "KERNEL_TRITON",
+    "DeviceInfo",
+    "EmulatedKernelWarning",
     "GroupedMMKernel",
     "MX_BLOCK_SIZE",
     "available_kernels",
+    "choose_kernel",
+    "device_info",
+    "emulation_notice",
     "fp8_dequantize",
     "fp8_per_group_colwise_fake_quantize",
     "fp8_per_group_colwise_quantize",

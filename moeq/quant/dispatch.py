@@ -1,80 +1,144 @@
 """Grouped-GEMM kernel names, the registry, and per-call kernel selection.
 
-The one place kernel names live. A kernel implements the three GEMMs of a quantized
-grouped linear layer for some recipes (``QuantizationType``), each taking high-precision
-tensors and doing its own quantization (so fast kernels can fuse it):
+The one place kernel names live. A kernel implements the grouped GEMMs of a quantized
+grouped linear layer for some recipes (``QuantizationType``), taking high-precision
+tensors and doing its own quantization (so fast kernels can fuse it). It comes in one of
+two forms:
 
-* ``forward(a, b, offs, qtype)``: a (M, K), b (E, N, K) -> (M, N), ``a[g] @ b[e].T``;
-* ``dgrad(grad_out, b, offs, qtype)``: (M, N), (E, N, K) -> (M, K), ``grad_out[g] @ b[e]``;
-* ``wgrad(grad_out, a, offs, qtype)``: (M, N), (M, K) -> (E, N, K), ``grad_out[g].T @ a[g]``.
+* **per GEMM** (moeq's own kernels): three functions that moeq's autograd function
+  (moeq/quant/grouped_mm.py) calls,
 
-Contract: outputs in bf16 (or any float dtype; the caller casts), rows at or past
+  * ``forward(a, b, offs, qtype)``: a (M, K), b (E, N, K) -> (M, N), ``a[g] @ b[e].T``;
+  * ``dgrad(grad_out, b, offs, qtype)``: (M, N), (E, N, K) -> (M, K), ``grad_out[g] @ b[e]``;
+  * ``wgrad(grad_out, a, offs, qtype)``: (M, N), (M, K) -> (E, N, K), ``grad_out[g].T @ a[g]``;
+
+* **whole op** (a library's own autograd function, e.g. torchao's): one differentiable
+  ``grouped_mm(a, b, offs, qtype) -> (M, N)`` whose backward computes both gradients
+  itself. Splitting such a function into moeq's three entries would mean re-writing its
+  backward; calling it whole runs exactly the library's code.
+
+Contract for both: outputs in bf16 (or any float dtype; the caller casts), rows at or past
 ``offs[-1]`` zero in forward/dgrad, zero weight gradients for empty groups, no host
 syncs. Inputs arrive validated (shapes, dtypes, alignments: moeq/quant/grouped_mm.py).
 
 Built-in kernels: ``"emulated"`` (quantize/dequantize + ``torch._grouped_mm``; CPU and
-any GPU; every recipe) and ``"torch"`` (``torch._scaled_grouped_mm`` FP8 rowwise on
-SM90/SM100; BF16 via ``torch._grouped_mm``). ``"auto"`` picks, per call, the available
-kernel of highest priority for the recipe and device. Other modules add kernels with
-``register_kernel`` (e.g. ``"triton"`` from moeq.kernels); list a module that registers
-on import in ``KERNEL_PLUGIN_MODULES`` so selection imports it first.
+any GPU; every recipe), ``"torch"`` (``torch._scaled_grouped_mm`` FP8 rowwise on
+SM90/SM100; BF16 via ``torch._grouped_mm``) and ``"torchao"`` (torchao's FP8 rowwise and
+MXFP8 grouped GEMMs, a whole-op kernel: moeq/quant/torchao_kernel.py, which imports
+torchao only when that kernel is asked whether it can run, or runs). Other modules add
+kernels with ``register_kernel``; list a module that registers on import in
+``KERNEL_PLUGIN_MODULES`` so selection imports it first (the first selection must then
+run eagerly: dynamo cannot trace ``importlib``).
 
-Selection is a pure function of its arguments plus the registry, which only grows at
-import time: there is no mutable global configuration.
+Selection (``select_kernel``) is a pure function of the kernel choice, the recipe, a
+``DeviceInfo`` (device type, CUDA compute capability, ROCm or not) and the registry,
+which only grows at import time: there is no mutable global configuration, and any GPU
+can be described without one (``DeviceInfo("cuda", 0, (10, 0))``). ``"auto"`` takes the
+highest-priority kernel that runs the recipe **natively** there (low-precision GEMMs on
+the hardware; for BF16 plain bf16 GEMMs); only when none does it falls back to
+``"emulated"``. On a GPU that fallback (and any other choice that ends up emulating the
+recipe, e.g. ``"torchao"`` on a non-SM100 GPU) is announced once per process and
+(kernel choice, recipe, device) with an ``EmulatedKernelWarning`` naming the device and
+the faster kernels with what they need. On CPU emulation is the only way to run FP8/MXFP8
+(no CPU has FP8 GEMMs), so there it is expected and not warned about. ``kernel="emulated"``
+states the choice explicitly and is never warned about. Under ``torch.compile`` no
+warning is given (dynamo cannot trace ``warnings.warn`` in a full graph): eager calls and
+``emulation_notice`` report it.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
-from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
+import warnings
+from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
 
 import torch
 
 from moeq.quant import emulated as _emulated
 from moeq.quant import scaled_mm as _scaled
+from moeq.quant import torchao_kernel as _torchao  # light: torchao itself loads on first use
+from moeq.quant.device import DeviceInfo, DeviceLike, device_info
 from moeq.recipes import QuantizationType, RecipeLike, parse_recipe
 
 KERNEL_AUTO = "auto"
 KERNEL_EMULATED = "emulated"
 KERNEL_TORCH = "torch"
+KERNEL_TORCHAO = "torchao"
 KERNEL_TRITON = "triton"  # reserved for the Triton kernels in moeq.kernels (issues 5/6)
 
 # Modules imported (once, on first selection) so the kernels they register are known.
 # A missing module is skipped; any other import error propagates.
 KERNEL_PLUGIN_MODULES: Tuple[str, ...] = ()
 
+
+class EmulatedKernelWarning(UserWarning):
+    """A quantized recipe runs with emulated numerics on a GPU (slow; see the message)."""
+
+
 GemmFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, QuantizationType], torch.Tensor]
-ReasonFn = Callable[[QuantizationType, torch.device], Optional[str]]
+ReasonFn = Callable[[QuantizationType, DeviceInfo], Optional[str]]
 
 
-@dataclasses.dataclass(frozen=True)
+def runs_natively(qtype: QuantizationType, device: DeviceInfo) -> Optional[str]:
+    """The default ``emulation_reason``: the kernel never emulates."""
+    return None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class GroupedMMKernel:
-    """A grouped-GEMM implementation of some recipes.
+    """A grouped-GEMM implementation of some recipes (see the module docstring).
 
     Attributes:
         name: the ``kernel=`` value that selects it.
         qtypes: recipes it implements.
-        forward, dgrad, wgrad: the three GEMMs (see the module docstring).
-        unsupported_reason: ``(qtype, device) -> None`` if it can run there, else a
+        forward, dgrad, wgrad: the three per-GEMM functions, or all None when
+            ``grouped_mm`` is given.
+        grouped_mm: a whole differentiable op ``(a, b, offs, qtype) -> out`` (its own
+            backward), or None for a per-GEMM kernel.
+        unsupported_reason: ``(qtype, DeviceInfo) -> None`` if it can run there, else a
             sentence saying why not. Must not touch device data, and must say no for
             any device it could crash (e.g. MXFP8 via torch._scaled_grouped_mm on SM90
             kills the CUDA context instead of raising).
-        priority: "auto" takes the highest-priority available kernel.
+        emulation_reason: ``(qtype, DeviceInfo) -> None`` where it runs the recipe's
+            GEMMs natively, else a sentence saying how it emulates them and why. "auto"
+            only takes native kernels (then falls back to "emulated").
+        priority: "auto" takes the highest-priority native kernel; an int, or a
+            ``{qtype: int}`` mapping (recipes missing from it get 0).
     """
 
     name: str
     qtypes: FrozenSet[QuantizationType]
-    forward: GemmFn
-    dgrad: GemmFn
-    wgrad: GemmFn
     unsupported_reason: ReasonFn
-    priority: int = 0
+    forward: Optional[GemmFn] = None
+    dgrad: Optional[GemmFn] = None
+    wgrad: Optional[GemmFn] = None
+    grouped_mm: Optional[GemmFn] = None
+    emulation_reason: ReasonFn = runs_natively
+    priority: Union[int, Mapping[QuantizationType, int]] = 0
 
-    def reason_unavailable(self, qtype: QuantizationType, device: torch.device) -> Optional[str]:
+    def __post_init__(self):
+        per_gemm = (self.forward, self.dgrad, self.wgrad)
+        if self.grouped_mm is None and any(f is None for f in per_gemm):
+            raise TypeError(f"kernel {self.name!r}: give forward, dgrad and wgrad, or grouped_mm")
+        if self.grouped_mm is not None and any(f is not None for f in per_gemm):
+            raise TypeError(f"kernel {self.name!r}: give grouped_mm or forward/dgrad/wgrad, not both")
+
+    def priority_for(self, qtype: QuantizationType) -> int:
+        """This kernel's priority for ``qtype`` in "auto"."""
+        if isinstance(self.priority, int):
+            return self.priority
+        return self.priority.get(qtype, 0)
+
+    def reason_unavailable(self, qtype: QuantizationType, device: DeviceLike) -> Optional[str]:
         """None when this kernel runs ``qtype`` on ``device``, else why not."""
         if qtype not in self.qtypes:
             return f"kernel={self.name!r} does not implement {qtype.value}"
-        return self.unsupported_reason(qtype, torch.device(device))
+        return self.unsupported_reason(qtype, device_info(device))
+
+    def reason_emulated(self, qtype: QuantizationType, device: DeviceLike) -> Optional[str]:
+        """None when this kernel runs ``qtype`` natively on ``device``, else how it emulates it."""
+        return self.emulation_reason(qtype, device_info(device))
 
 
 _REGISTRY: Dict[str, GroupedMMKernel] = {}
@@ -123,74 +187,145 @@ def get_kernel(name: str) -> GroupedMMKernel:
     return _REGISTRY[name]
 
 
-def available_kernels(qtype: RecipeLike, device) -> List[str]:
-    """Names of the kernels that can run ``qtype`` on ``device``, best (auto's choice) first."""
+def _by_priority(qtype: QuantizationType) -> List[GroupedMMKernel]:
+    ks = [k for k in _REGISTRY.values() if qtype in k.qtypes]
+    return sorted(ks, key=lambda k: (-k.priority_for(qtype), k.name))
+
+
+def _auto(qtype: QuantizationType, info: DeviceInfo) -> Optional[GroupedMMKernel]:
+    # Stop at the first hit: a kernel's costlier checks (torchao's import) only run
+    # where it could be the answer.
+    for k in _by_priority(qtype):
+        if k.emulation_reason(qtype, info) is None and k.unsupported_reason(qtype, info) is None:
+            return k
+    fallback = _REGISTRY[KERNEL_EMULATED]
+    return fallback if fallback.unsupported_reason(qtype, info) is None else None
+
+
+def available_kernels(qtype: RecipeLike, device: DeviceLike) -> List[str]:
+    """Names of the kernels that can run ``qtype`` on ``device``, auto's choice first,
+    then the other native ones by priority, then the emulating ones."""
     q = parse_recipe(qtype)
     _load_plugins()
-    dev = torch.device(device)
-    ok = [k for k in _REGISTRY.values() if k.reason_unavailable(q, dev) is None]
-    return [k.name for k in sorted(ok, key=lambda k: (-k.priority, k.name))]
+    info = device_info(device)
+    first = _auto(q, info)
+    ok = [k for k in _by_priority(q) if k is not first and k.unsupported_reason(q, info) is None]
+    rest = sorted(ok, key=lambda k: k.emulation_reason(q, info) is not None)  # stable
+    return ([first.name] if first is not None else []) + [k.name for k in rest]
 
 
-def select_kernel(kernel: str, qtype: RecipeLike, device) -> GroupedMMKernel:
-    """Resolve a ``kernel=`` value for ``qtype`` on ``device``.
-
-    "auto" gives the highest-priority available kernel. A named kernel that cannot run
-    there raises RuntimeError saying why and which ``kernel=`` values can; it is never
-    dispatched anyway (some would crash the device rather than raise).
-    """
+def choose_kernel(kernel: str, qtype: RecipeLike, device: DeviceLike) -> GroupedMMKernel:
+    """The pure part of ``select_kernel``: resolve ``kernel`` for ``qtype`` on ``device``
+    (a DeviceInfo describes any device without touching it), no warning."""
     q = parse_recipe(qtype)
-    dev = torch.device(device)
+    info = device_info(device)
     if kernel == KERNEL_AUTO:
-        names = available_kernels(q, dev)
-        if not names:
-            raise RuntimeError(f"no grouped-GEMM kernel runs {q.value} on {dev}")
-        return _REGISTRY[names[0]]
+        _load_plugins()
+        k = _auto(q, info)
+        if k is None:
+            raise RuntimeError(f"no grouped-GEMM kernel runs {q.value} on {info}")
+        return k
     k = get_kernel(kernel)
-    reason = k.reason_unavailable(q, dev)
+    reason = k.reason_unavailable(q, info)
     if reason is not None:
-        alternatives = available_kernels(q, dev)
+        alternatives = available_kernels(q, info)
         hint = (
             f"use kernel={alternatives[0]!r} (or 'auto'); available here: "
             f"{', '.join(repr(n) for n in alternatives)}"
             if alternatives
             else "no kernel runs it here"
         )
-        raise RuntimeError(f"kernel={kernel!r} cannot run {q.value} on {dev}: {reason}; {hint}")
+        raise RuntimeError(f"kernel={kernel!r} cannot run {q.value} on {info}: {reason}; {hint}")
+    return k
+
+
+def emulation_notice(kernel: str, qtype: RecipeLike, device: DeviceLike) -> Optional[str]:
+    """The warning ``select_kernel(kernel, qtype, device)`` gives (once), or None.
+
+    Says something when a quantized recipe ends up emulated on a GPU through any choice
+    but an explicit ``kernel="emulated"``: which device, how it is emulated, and which
+    faster kernels exist with what each needs. None on CPU (emulation is the only way to
+    run FP8/MXFP8 there) and wherever the chosen kernel is native.
+    """
+    q = parse_recipe(qtype)
+    info = device_info(device)
+    chosen = choose_kernel(kernel, q, info)
+    how = chosen.emulation_reason(q, info)
+    if info.type == "cpu" or kernel == KERNEL_EMULATED or how is None:
+        return None
+    others = []
+    for k in _by_priority(q):
+        if k is chosen or k.name == KERNEL_EMULATED:
+            continue
+        why_not = k.unsupported_reason(q, info) or k.emulation_reason(q, info)
+        others.append(f"kernel={k.name!r}: " + (why_not or "runs natively here"))
+    options = "; ".join(others) if others else "none registered"
+    return (
+        f"kernel={kernel!r} runs {q.value} on {info} with emulated numerics, through "
+        f"kernel={chosen.name!r} ({how}): several times slower than bf16. Native {q.value} "
+        f"kernels: {options}. Pass kernel={KERNEL_EMULATED!r} to choose the emulated numerics "
+        f"explicitly (no warning), or use recipe='bf16' for speed."
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(kernel: str, qtype: QuantizationType, info: DeviceInfo) -> None:
+    # The cache is the "once": one warning per process and (choice, recipe, device).
+    message = emulation_notice(kernel, qtype, info)
+    if message is not None:
+        warnings.warn(message, EmulatedKernelWarning, stacklevel=4)
+
+
+def select_kernel(kernel: str, qtype: RecipeLike, device: DeviceLike) -> GroupedMMKernel:
+    """Resolve a ``kernel=`` value for ``qtype`` on ``device``.
+
+    "auto" gives the highest-priority kernel that runs the recipe natively there, else
+    "emulated". A named kernel that cannot run there raises RuntimeError saying why and
+    which ``kernel=`` values can; it is never dispatched anyway (some would crash the
+    device rather than raise). A choice that ends up emulating a quantized recipe on a
+    GPU warns once (``EmulatedKernelWarning``, text from ``emulation_notice``), except
+    an explicit ``kernel="emulated"`` and under torch.compile.
+    """
+    q = parse_recipe(qtype)
+    info = device_info(device)
+    k = choose_kernel(kernel, q, info)
+    if info.type != "cpu" and k.emulation_reason(q, info) is not None and not torch.compiler.is_compiling():
+        _warn_once(kernel, q, info)
     return k
 
 
 # --- built-in kernels ------------------------------------------------------------------
 
-def _cuda_capability(device: torch.device) -> Tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
-def _emulated_reason(qtype: QuantizationType, device: torch.device) -> Optional[str]:
+def _emulated_reason(qtype: QuantizationType, device: DeviceInfo) -> Optional[str]:
     if device.type not in ("cpu", "cuda"):
         return f"runs on cpu and cuda devices only, not {device.type}"
     return None
 
 
-def _torch_reason(qtype: QuantizationType, device: torch.device) -> Optional[str]:
+def _emulated_how(qtype: QuantizationType, device: DeviceInfo) -> Optional[str]:
+    if qtype is QuantizationType.BF16:
+        return None  # plain bf16 GEMMs: nothing to emulate
+    return "moeq's emulated kernel: operands quantized and dequantized in plain torch, then a bf16 torch._grouped_mm"
+
+
+def _torch_reason(qtype: QuantizationType, device: DeviceInfo) -> Optional[str]:
     if qtype is QuantizationType.BF16:
         return _emulated_reason(qtype, device)
-    if device.type != "cuda" or torch.version.hip is not None:
+    if not device.nvidia_cuda:
         return "torch._scaled_grouped_mm needs an NVIDIA CUDA device"
-    major, minor = _cuda_capability(device)
-    arch = f"sm_{major}{minor}"
+    major = device.capability[0]
     if qtype is QuantizationType.FP8:
         if major not in (9, 10):
-            return f"torch._scaled_grouped_mm FP8 rowwise needs SM90 or SM100, the device is {arch}"
+            return f"torch._scaled_grouped_mm FP8 rowwise needs SM90 or SM100, the device is {device.arch}"
         return None
     if major < 10:
         return (
-            f"torch._scaled_grouped_mm MXFP8 needs SM100+, the device is {arch} (there it "
+            f"torch._scaled_grouped_mm MXFP8 needs SM100+, the device is {device.arch} (there it "
             "crashes the CUDA context instead of raising)"
         )
     return (
         "MXFP8 through torch._scaled_grouped_mm (SM100 blocked e8m0 scale layouts) is not "
-        "implemented in moeq yet"
+        "implemented in moeq's 'torch' kernel: use kernel='torchao'"
     )
 
 
@@ -220,7 +355,20 @@ register_kernel(
         dgrad=_emulated.emulated_dgrad,
         wgrad=_emulated.emulated_wgrad,
         unsupported_reason=_emulated_reason,
+        emulation_reason=_emulated_how,
         priority=0,
+    )
+)
+register_kernel(
+    GroupedMMKernel(
+        name=KERNEL_TORCHAO,
+        qtypes=frozenset({QuantizationType.FP8, QuantizationType.MXFP8}),
+        grouped_mm=_torchao.torchao_grouped_mm,
+        unsupported_reason=_torchao.unsupported_reason,
+        emulation_reason=_torchao.emulation_reason,
+        # MXFP8: above "torch" (which has no MXFP8), so auto takes it where it is native
+        # (SM100). FP8: below "torch" (same numerics, without the re-layout copies).
+        priority={QuantizationType.MXFP8: 20, QuantizationType.FP8: 5},
     )
 )
 register_kernel(

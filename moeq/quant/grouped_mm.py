@@ -193,10 +193,12 @@ def quantized_grouped_mm(
             power-of-two scale per row of the contraction dim; mxfp8 uses e4m3 with one
             e8m0 scale per 32 elements of it. K and N must be multiples of 16 (fp8) or
             32 (mxfp8).
-        kernel: "auto" (best available), "emulated" (plain torch: quantize, dequantize,
-            bf16 grouped GEMM; CPU and any GPU), "torch" (torch._scaled_grouped_mm FP8 on
-            SM90/SM100), or any name registered in moeq.quant.dispatch. A kernel that
-            cannot run on the device raises RuntimeError naming the ones that can.
+        kernel: "auto" (best native kernel, else "emulated"), "emulated" (plain torch:
+            quantize, dequantize, bf16 grouped GEMM; CPU and any GPU), "torch"
+            (torch._scaled_grouped_mm FP8 on SM90/SM100), "torchao" (torchao's FP8 rowwise
+            on SM90/SM100 and MXFP8: native on SM100, emulated elsewhere), or any name
+            registered in moeq.quant.dispatch. A kernel that cannot run on the device
+            raises RuntimeError naming the ones that can.
         check_finite: raise on NaN/Inf in a, b and (backward) grad_out. Default: on CPU
             in eager mode only (a host read). True on CUDA adds device-side asserts
             (``torch._assert_async``, no sync) at the cost of one extra read of each
@@ -217,4 +219,9 @@ def quantized_grouped_mm(
     if checks:
         _check_finite(a, "a")
         _check_finite(b, "b")
+    if impl.grouped_mm is not None:  # a whole differentiable op (torchao's): its own backward
+        out = impl.grouped_mm(a, b, offs, q)
+        if checks and out.requires_grad:
+            out.register_hook(lambda g: _check_finite(g, "grad_out (the gradient of quantized_grouped_mm's output)"))
+        return _cast(out, a.dtype)
     return _QuantizedGroupedMM.apply(a, b, offs, q, impl.name, checks)
