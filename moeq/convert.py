@@ -19,9 +19,10 @@ from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, get_kernel, kernel_n
 from moeq.quant.grouped_mm import quantized_grouped_mm
 from moeq.quant.groups import row_group_ids
 from moeq.recipes import QuantizationType, RecipeLike, group_alignment, parse_recipe
+from moeq.validation import check_convert_args
 from moeq.weight_cache import module_weight_cache
 
-FilterLike = Union[None, Sequence[str], Callable[[str, nn.Module], bool]]
+FilterLike = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 
 
 class ConvertedExperts:
@@ -352,8 +353,8 @@ def convert_model(
     Args:
         model: any nn.Module.
         recipe: ``"bf16"``, ``"fp8"``, ``"mxfp8"`` or a QuantizationType.
-        filter_fqns: None (all experts), a list of substrings of module FQNs to convert,
-            or ``f(fqn, module) -> bool``.
+        filter_fqns: None (all experts), a substring of module FQNs to convert (a str
+            is one substring), a list of them, or ``f(fqn, module) -> bool``.
         kernel: ``"auto"`` (fastest path the device runs), ``"emulated"`` (plain-torch
             quantization numerics, any device), ``"triton"`` (fused Hopper
             kernels; SM90 only), or a per-GEMM kernel from
@@ -364,6 +365,7 @@ def convert_model(
         ValueError: unknown recipe or kernel, nothing matched, or a dim not divisible by
             the recipe's alignment (names the module, the dim and the multiple).
     """
+    filter_fqns = check_convert_args(model, filter_fqns)  # a str is one FQN substring
     qtype = parse_recipe(recipe)
     if kernel not in (KERNEL_AUTO, KERNEL_TRITON):
         try:
