@@ -323,9 +323,9 @@ class GroupedExperts(nn.Module):
         device: Optional[torch.device] = None,
     ):
         super().__init__()
-        check_int("dim", dim, minimum=1, fix="pass the model width D")
-        check_int("hidden_dim", hidden_dim, minimum=1, fix="pass the experts' hidden width H")
-        check_int("num_experts", num_experts, minimum=0, fix="pass the number of routed experts E")
+        dim = check_int("dim", dim, minimum=1, fix="pass the model width D")
+        hidden_dim = check_int("hidden_dim", hidden_dim, minimum=1, fix="pass the experts' hidden width H")
+        num_experts = check_int("num_experts", num_experts, minimum=0, fix="pass the number of routed experts E")
         self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
         self.compute_backend = check_compute_backend(compute_backend)
         kw = dict(dtype=dtype, device=device)

@@ -69,8 +69,8 @@ class MoE(nn.Module):
         device: Optional[torch.device] = None,
     ):
         super().__init__()
-        check_router_args(dim, num_experts, top_k)
-        check_int("hidden_dim", hidden_dim, minimum=1, fix="pass the experts' hidden width H")
+        dim, num_experts, top_k = check_router_args(dim, num_experts, top_k)
+        hidden_dim = check_int("hidden_dim", hidden_dim, minimum=1, fix="pass the experts' hidden width H")
         if shared_expert_hidden_dim is not None:
             check_int("shared_expert_hidden_dim", shared_expert_hidden_dim, minimum=0,
                       fix="pass None (or 0) for no shared expert, or its hidden width")

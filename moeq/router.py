@@ -88,16 +88,18 @@ class RouterOutput(NamedTuple):
     aux_loss: torch.Tensor
 
 
-def check_router_args(dim: int, num_experts: int, top_k: int) -> None:
-    """TypeError/ValueError unless D >= 1, E >= 1 and 1 <= top_k <= E are ints."""
-    check_int("dim", dim, minimum=1, fix="pass the model width D")
-    check_int("num_experts", num_experts, minimum=1, fix="a router needs at least one expert to route to")
-    check_int("top_k", top_k, fix="pass the number of experts per token, e.g. top_k=2")
+def check_router_args(dim: int, num_experts: int, top_k: int) -> tuple:
+    """``(dim, num_experts, top_k)`` as ints; TypeError/ValueError unless D >= 1, E >= 1 and
+    1 <= top_k <= E are integers."""
+    dim = check_int("dim", dim, minimum=1, fix="pass the model width D")
+    num_experts = check_int("num_experts", num_experts, minimum=1, fix="a router needs at least one expert to route to")
+    top_k = check_int("top_k", top_k, fix="pass the number of experts per token, e.g. top_k=2")
     if not 1 <= top_k <= num_experts:
         raise ValueError(
             f"top_k={top_k} must be between 1 and num_experts={num_experts}: each token goes to top_k "
             f"distinct experts"
         )
+    return dim, num_experts, top_k
 
 
 def count_tokens_per_expert(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -154,7 +156,7 @@ class TopKRouter(nn.Module):
             raise ValueError(f"load_balancing={load_balancing!r}: use one of {LOAD_BALANCING}")
         if router_dtype not in (None, torch.float32):
             raise ValueError(f"router_dtype={router_dtype!r}: use None or torch.float32")
-        check_router_args(dim, num_experts, top_k)
+        dim, num_experts, top_k = check_router_args(dim, num_experts, top_k)
         check_float("aux_loss_coeff", aux_loss_coeff, minimum=0.0, fix="pass a weight >= 0 (0 turns the loss off)")
         check_float("bias_update_rate", bias_update_rate, minimum=0.0, fix="pass a step size >= 0")
         self.num_experts = num_experts

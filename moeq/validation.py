@@ -45,7 +45,7 @@ def _is_int(value) -> bool:
 
 
 def check_int(name: str, value, *, minimum: Optional[int] = None, fix: str = ""):
-    """Return ``value`` if it is an int (not a bool) >= ``minimum``, else raise.
+    """Return ``value`` as an int if it is an integer (not a bool) >= ``minimum``, else raise.
 
     TypeError for floats, bools, strings, ...; ValueError below the minimum. ``fix`` is
     appended to the message (what to pass instead). Symbolic sizes pass unchecked.
@@ -53,10 +53,12 @@ def check_int(name: str, value, *, minimum: Optional[int] = None, fix: str = "")
     tail = f": {fix}" if fix else ""
     if not _is_int(value):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}){tail}")
-    if minimum is not None and isinstance(value, numbers.Integral) and value < minimum:
+    if not isinstance(value, numbers.Integral):
+        return value  # symbolic: a size, >= 0 by construction
+    if minimum is not None and value < minimum:
         bound = "positive" if minimum == 1 else f">= {minimum}"
         raise ValueError(f"{name} must be {bound}, got {value}{tail}")
-    return value
+    return int(value)
 
 
 def check_module(name: str, value) -> nn.Module:
@@ -152,26 +154,30 @@ def check_counts_values(
 
     Without ``group_alignment`` the counts must be non-negative and sum to ``num_rows``.
     With ``group_alignment=a`` (the padded layout) the padded groups
-    ``sum(round_up(counts, a))`` must fit in ``num_rows`` (the rest is slack). Runs
-    through :func:`device_check` (no host sync on CUDA)."""
-    device_check(
-        (counts >= 0).all(),
-        f"{name} has a negative count: pass the number of rows of each expert's group (>= 0)",
-    )
+    ``sum(round_up(counts, a))`` must fit in ``num_rows`` (the rest is slack). Eager CPU:
+    two host reads, a specific ValueError each. CUDA / torch.compile: one
+    ``torch._assert_async`` for both (no sync; its message covers both)."""
+    negative = f"{name} has a negative count: pass the number of rows of each expert's group (>= 0)"
     if group_alignment is None or group_alignment <= 1:
-        device_check(
-            counts.sum() == num_rows,
-            f"{name} does not sum to the number of rows of x ({num_rows}): every row must belong to "
-            f"exactly one expert's group; pass the per-expert counts of x's rows, in expert order",
+        fits = counts.sum() == num_rows
+        bad_sum = (
+            "{name} does not sum to the number of rows of x{rows}: every row must belong to exactly one "
+            "expert's group; pass the per-expert counts of x's rows, in expert order"
         )
     else:
         a = group_alignment
-        padded = ((counts + (a - 1)) // a * a).sum()
-        device_check(
-            padded <= num_rows,
-            f"{name}, each rounded up to a multiple of group_alignment={a}, needs more rows than x has "
-            f"({num_rows}): pass the counts of x's padded layout (moeq.pad_token_groups)",
+        fits = ((counts + (a - 1)) // a * a).sum() <= num_rows
+        bad_sum = (
+            "{name}, each rounded up to a multiple of group_alignment=" + str(a) + ", needs more rows than x "
+            "has{rows}: pass the counts of x's padded layout (moeq.pad_token_groups)"
         )
+    if counts.device.type == "cpu" and not torch.compiler.is_compiling():
+        device_check((counts >= 0).all(), negative)
+        device_check(fits, bad_sum.format(name=name, rows=f" ({num_rows})"))
+    else:
+        # no size in the message: formatting a symbolic size under torch.compile would
+        # specialise the graph on it
+        torch._assert_async((counts >= 0).all() & fits, f"{negative}; or " + bad_sum.format(name=name, rows=""))
 
 
 def normalize_filter_fqns(filter_fqns: FilterLike) -> Union[None, Tuple[str, ...], Callable]:
