@@ -384,12 +384,7 @@ class GroupedExperts(nn.Module):
         """
         alignment = self.group_alignment
         grouped, counts, layout = permute_and_pad(tokens, expert_indices, self.num_experts, alignment)
-        if type(self).forward is GroupedExperts.forward:
-            # counts made by permute_and_pad are right by construction: skip their value
-            # checks (on CUDA they would cost a few kernel launches per call)
-            out = self._experts(grouped, counts, alignment, validate_counts=False)
-        else:
-            out = self(grouped, counts, group_alignment=alignment)
+        out = run_on_trusted_counts(self, grouped, counts, alignment)
         return combine_token_groups(out, layout, expert_weights)
 
     def extra_repr(self) -> str:
@@ -397,3 +392,15 @@ class GroupedExperts(nn.Module):
             f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
             f"compute_backend={self.compute_backend!r}"
         )
+
+
+def run_on_trusted_counts(
+    experts: nn.Module, x: torch.Tensor, num_tokens_per_expert: torch.Tensor, group_alignment: Optional[int]
+) -> torch.Tensor:
+    """``experts(x, num_tokens_per_expert, group_alignment=...)`` for counts moeq made itself
+    (``permute_and_pad``'s, an EP dispatch plan's): right by construction, so a
+    :class:`GroupedExperts` whose forward is the stock one skips their value checks (on
+    CUDA they would cost a few kernel launches per call). Any other forward runs as is."""
+    if isinstance(experts, GroupedExperts) and type(experts).forward is GroupedExperts.forward:
+        return experts._experts(x, num_tokens_per_expert, group_alignment, validate_counts=False)
+    return experts(x, num_tokens_per_expert, group_alignment=group_alignment)

@@ -23,6 +23,7 @@ __all__ = [
     "check_int",
     "check_module",
     "check_tensor",
+    "checks_read_on_host",
     "check_counts",
     "check_counts_values",
     "check_convert_args",
@@ -135,14 +136,25 @@ def check_counts(name: str, counts, num_groups: int, like: torch.Tensor, *, like
     return counts
 
 
-def device_check(cond: torch.Tensor, message: str, error: type = ValueError) -> None:
+def checks_read_on_host(t: torch.Tensor) -> bool:
+    """Where value checks on ``t`` read it on the host: eager mode on CPU (True). On CUDA
+    and under torch.compile they are ``torch._assert_async`` (False). The one switch the
+    value checks consult (tests flip it to run CPU as CUDA would)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def device_check(
+    cond: torch.Tensor, message: str, error: type = ValueError, *, detail: Optional[Callable[[], str]] = None
+) -> None:
     """Raise ``error(message)`` unless the 0-d bool tensor ``cond`` is True.
 
-    Eager mode on CPU: a host read, raises at once. On CUDA and under torch.compile:
-    ``torch._assert_async`` (no host sync; the step fails with a device-side assert)."""
-    if cond.device.type == "cpu" and not torch.compiler.is_compiling():
+    Eager mode on CPU: a host read, raises at once (with ``detail()`` as the message when
+    given: it may read more of the data to say exactly what is wrong). On CUDA and under
+    torch.compile: ``torch._assert_async(cond, message)`` (no host sync; the step fails
+    with a device-side assert)."""
+    if checks_read_on_host(cond):
         if not bool(cond):
-            raise error(message)
+            raise error(detail() if detail is not None else message)
     else:
         torch._assert_async(cond, message)
 
@@ -171,7 +183,7 @@ def check_counts_values(
             "{name}, each rounded up to a multiple of group_alignment=" + str(a) + ", needs more rows than x "
             "has{rows}: pass the counts of x's padded layout (moeq.pad_token_groups)"
         )
-    if counts.device.type == "cpu" and not torch.compiler.is_compiling():
+    if checks_read_on_host(counts):
         device_check((counts >= 0).all(), negative)
         device_check(fits, bad_sum.format(name=name, rows=f" ({num_rows})"))
     else:

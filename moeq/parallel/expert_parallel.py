@@ -36,12 +36,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moeq import padding as _padding  # registers the torch.ops.moeq row ops
-from moeq.experts import GroupedExperts
+from moeq.experts import GroupedExperts, run_on_trusted_counts
 from moeq.moe import MoE
 from moeq.parallel.dispatch_plan import DispatchPlan, build_plan
 from moeq.parallel.quantized_dispatch import QUANTIZED_RECIPES, pack_rows, unpack_to_padded
 from moeq.recipes import group_alignment, parse_recipe
-from moeq.validation import check_module
+from moeq.validation import check_int, check_module
 
 EP_DIM = "ep"
 
@@ -208,6 +208,12 @@ class ExpertParallelDispatcher:
                 "quantize_dispatch=True needs fused=True: quantized rows are dequantized straight into the "
                 "experts' padded layout by the fused dispatch; the unfused baseline only moves bf16 rows"
             )
+        num_experts = check_int("num_experts", num_experts, minimum=1, fix="pass the global number of experts E")
+        if num_experts % ep_mesh.size():
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by the EP size {ep_mesh.size()}: every EP rank "
+                f"holds E / ep experts"
+            )
         self.ep_mesh = ep_mesh
         self.group = ep_mesh.get_group()
         self.ep_size = ep_mesh.size()
@@ -233,7 +239,7 @@ class ExpertParallelDispatcher:
             quantized = self.uses_quantized_dispatch(experts)
             plan = _plan(counts, self.group, align, recipe_name, quantized)
             x = _dispatch_quantized(send, plan, recipe_name) if quantized else _dispatch(send, plan)
-            y = experts(x, plan.local_counts, group_alignment=align)
+            y = run_on_trusted_counts(experts, x, plan.local_counts, align)
             home = _combine(y, plan)
         else:
             home = self._unfused(send, counts, experts, align, recipe_name)
@@ -251,7 +257,7 @@ class ExpertParallelDispatcher:
         recv = _all_to_all_autograd(send, plan.recv_splits, plan.send_splits, self.group)
         grouped = recv.index_select(0, plan.source_rows.long())  # permute to expert-major
         padded, pad_layout = _padding.pad_token_groups(grouped, plan.local_counts, align)
-        y = experts(padded, plan.local_counts, group_alignment=align)
+        y = run_on_trusted_counts(experts, padded, plan.local_counts, align)
         y = _padding.unpad_token_groups(y, pad_layout)
         y_recv = y.index_select(0, plan.dest_rows.long())  # back to all-to-all order
         return _all_to_all_autograd(y_recv, plan.send_splits, plan.recv_splits, self.group)

@@ -122,20 +122,21 @@ def _validate_offsets(offs: torch.Tensor, num_rows: int, qtype: QuantizationType
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        # eager CPU: read the values, and say which problem it is
-        if bool(torch.isfinite(t).all()):
-            return
-        if bool(torch.isnan(t).any()):
-            raise NonFiniteError(f"{name} contains NaN: a NaN reached the quantized GEMM; find the op that made it")
-        largest = torch.finfo(t.dtype).max
-        raise NonFiniteError(
-            f"{name} contains Inf: a value beyond the range of {t.dtype} (|x| > {largest:.3g}) reached the "
-            f"quantized GEMM. With finite inputs an earlier op overflowed: the experts' SwiGLU multiplies two "
-            f"projections of a token, so tokens of magnitude ~1e19 and up overflow float32/bfloat16; scale "
-            f"the inputs down (normalise them) or lower the learning rate if training diverged"
-        )
-    _check(torch.isfinite(t).all(), f"{name} contains NaN or Inf (or a value that overflowed its dtype)")
+    _check(torch.isfinite(t).all(), f"{name} contains NaN or Inf (or a value that overflowed its dtype)",
+           NonFiniteError, detail=lambda: _non_finite_message(t, name))
+
+
+def _non_finite_message(t: torch.Tensor, name: str) -> str:
+    """Which problem it is (read on the host, eager CPU only)."""
+    if bool(torch.isnan(t).any()):
+        return f"{name} contains NaN: a NaN reached the quantized GEMM; find the op that made it"
+    return (
+        f"{name} contains Inf: a value beyond the range of {t.dtype} (|x| > {torch.finfo(t.dtype).max:.3g}) "
+        f"reached the quantized GEMM. With finite inputs an earlier op overflowed: the experts' SwiGLU "
+        f"multiplies two projections of a token, so tokens of magnitude ~1e19 and up overflow "
+        f"float32/bfloat16; scale the inputs down (normalise them) or lower the learning rate if training "
+        f"diverged"
+    )
 
 
 def _finite_checks_on(check_finite: Optional[bool], device: torch.device) -> bool:
