@@ -170,7 +170,8 @@ def set_aux_loss_scale(model: nn.Module, scale: Union[float, torch.Tensor]) -> i
       forward, ``set_aux_loss_scale(model, scaler.get_scale() / N)`` (``N = 1`` without
       accumulation); the scaler's unscale then divides the balancing term's gradient by
       the same factor as the loss's. A 0-d tensor holding the factor works too and costs
-      no host read;
+      no host read; under ``torch.compile`` prefer it (a float is a constant of the
+      compiled graph, so a new value recompiles);
     * ``scale=0`` turns the balancing term's gradient off (``last_aux_loss`` is still set).
 
     It cannot be inferred: the gradient reaching the MoE's output is the loss's scale

@@ -53,7 +53,9 @@ class _AuxLossInjector(torch.autograd.Function):
     """Identity on ``out`` whose backward also sends gradient 1 into ``aux_loss``.
 
     This adds the load-balancing loss to whatever loss the user backpropagates, without
-    the user's training loop having to know the auxiliary loss exists.
+    the user's training loop having to know the auxiliary loss exists. Gradient 1 is
+    right only for an unscaled backward: ``moeq.MoE`` multiplies the aux loss by its
+    ``aux_loss_scale`` first (``moeq.set_aux_loss_scale``: accumulation, GradScaler).
     """
 
     @staticmethod

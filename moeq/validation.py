@@ -96,11 +96,12 @@ def check_tensor(name: str, t, *, dim: Optional[int] = None, layout: str = "") -
 
     ``layout`` describes the expected shape in the message, e.g. ``"(tokens, dim)"``.
     """
+    shape = f" {layout}" if layout else ""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}".replace("  ", " "))
+        raise TypeError(f"{name} must be a torch.Tensor{shape}, got {type(t).__name__}")
     if dim is not None and t.dim() != dim:
         hint = "; flatten leading dims first (x.reshape(-1, x.shape[-1]))" if dim == 2 and t.dim() > 2 else ""
-        raise ValueError(f"{name} must be {dim}-D {layout}, got shape {tuple(t.shape)}{hint}".replace("  ", " "))
+        raise ValueError(f"{name} must be {dim}-D{shape}, got shape {tuple(t.shape)}{hint}")
     return t
 
 
