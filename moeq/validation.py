@@ -51,6 +51,8 @@ def check_int(name: str, value, *, minimum: Optional[int] = None, fix: str = "")
     TypeError for floats, bools, strings, ...; ValueError below the minimum. ``fix`` is
     appended to the message (what to pass instead). Symbolic sizes pass unchecked.
     """
+    if type(value) is int and (minimum is None or value >= minimum):
+        return value  # the common case, cheap: this runs on every forward
     tail = f": {fix}" if fix else ""
     if not _is_int(value):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}){tail}")

@@ -381,3 +381,37 @@ def test_compiled_experts_check_counts_on_the_device(counts):
     assert compiled(X6(), _counts(2, 2, 2)).shape == (6, D)
     with pytest.raises(RuntimeError, match=r"negative count.*; or num_tokens_per_expert does not sum"):
         compiled(X6(), counts)
+
+
+_CUDA_SCRIPT = """
+import sys, torch, moeq
+ex = moeq.GroupedExperts(64, 64, 4, dtype=torch.bfloat16, device="cuda")
+x = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+good = torch.tensor([2, 2, 0, 4], device="cuda")
+ex(x, good)
+torch.cuda.synchronize()
+bad = torch.tensor([int(a) for a in sys.argv[1:]], device="cuda")
+torch.cuda.set_sync_debug_mode("error")  # the checks must not sync
+ex(x, good)
+print("good ok", flush=True)
+ex(x, bad)
+torch.cuda.set_sync_debug_mode("default")
+torch.cuda.synchronize()
+print("no assert")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("counts", [("1", "2", "0", "4"), ("-1", "5", "0", "4")], ids=["sum < M", "negative"])
+def test_cuda_counts_checked_on_the_device_without_sync(counts):
+    """On CUDA, wrong counts fail a device-side assert (no host sync, no wrong output
+    consumed); right counts pass under sync-debug 'error'. A subprocess: the assert ends
+    the CUDA context."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _CUDA_SCRIPT, *counts], capture_output=True, text=True, timeout=300)
+    assert "good ok" in r.stdout, r.stdout + r.stderr[-3000:]  # right counts: no sync, no error
+    assert r.returncode != 0 and "no assert" not in r.stdout, r.stdout + r.stderr
+    assert "device-side assert" in r.stderr or "num_tokens_per_expert" in r.stderr, r.stderr[-3000:]
