@@ -25,7 +25,8 @@ With ``quantize_dispatch=True`` and FP8/MXFP8 experts, step 3 sends quantized ro
 row is quantized along D with the experts' recipe and packed with its scales into one
 uint8 row (moeq/parallel/quantized_dispatch.py), one all-to-all moves them, and the
 receiver's gather pass dequantizes them into the padded layout (exact values, which the
-experts' own quantization along D reproduces). Its backward is step 3's, in bf16.
+experts' own quantization along D reproduces), in the activations' dtype. Its backward is
+step 3's, in the gradient's dtype.
 """
 from __future__ import annotations
 
