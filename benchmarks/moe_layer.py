@@ -141,6 +141,24 @@ BASELINE = "bf16 grouped_mm (3 GEMMs)"
 FUSED_MX, UNFUSED_MX = "moeq mxfp8 (routed: gather fused into fake-quant)", "moeq mxfp8, permute then experts"
 
 
+def saved_bytes(fn, leaves, *args):
+    """Bytes of the distinct tensors autograd keeps from ``fn(*args)``'s forward for its
+    backward (storages shared with ``leaves``, the inputs and weights, are not counted:
+    they exist anyway). Returns (bytes, output)."""
+    leaf_ptrs = {t.untyped_storage().data_ptr() for t in leaves}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in leaf_ptrs and st.nbytes():
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return sum(seen.values()), out
+
+
 def run_shape(name, shape, variants, seed, log, dev):
     E, D, H, T, k = shape
     torch.manual_seed(seed)
@@ -165,8 +183,15 @@ def run_shape(name, shape, variants, seed, log, dev):
             fn = VARIANTS[vname]()
             for t in leaves:
                 t.grad = None
-            y = fn(tokens, ids, weights, w13, w2)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            nbytes, y = saved_bytes(fn, leaves, tokens, ids, weights, w13, w2)
+            row["saved_mib"] = nbytes / 2**20
             y.backward(gout)
+            if dev == "cuda":
+                row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
             _sync(dev)
             dw13 = fn.fused_grad() if hasattr(fn, "fused_grad") else w13.grad
             got = {"y": y.detach(), "dtok": tokens.grad, "dwts": weights.grad, "dw13": dw13, "dw2": w2.grad}
@@ -199,6 +224,10 @@ def run_shape(name, shape, variants, seed, log, dev):
                 r["bitwise_equal_to_unfused"] = same
         print(f"# {name}: routed mxfp8 bitwise equal to permute-then-experts: {same}", flush=True)
     add_speeds(rows, BASELINE)
+    base = next((r for r in rows if r["variant"] == BASELINE and r.get("saved_mib")), None)
+    for r in rows:
+        if base and r.get("saved_mib") is not None:
+            r["saved_vs_bf16"] = r["saved_mib"] / base["saved_mib"]
     return rows
 
 
@@ -208,18 +237,19 @@ def markdown(rows, device):
         f"{device}, torch {torch.__version__}. Median ms of triton.testing.do_bench (grads set to None each step); "
         "rel. errors vs float64 (output, token grads, routing-weight grads, dW13, dW2).",
         "",
-        "| shape | variant | ms | vs BF16 (3 GEMMs) | vs best BF16 | err y | err dtok | err dwts | err dW13 | err dW2 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | variant | ms | vs BF16 (3 GEMMs) | vs best BF16 | saved for bwd MiB | vs BF16 saved | peak MiB | err y | err dtok | err dwts | err dW13 | err dW2 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     f = lambda v, p=4: "" if v is None else f"{v:.{p}f}"
     x = lambda v: "" if v is None else f"{v:.2f}x"
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['shape']} | {r['variant']} | failed: {r['error'][:120]} | | | | | | | |")
+            out.append(f"| {r['shape']} | {r['variant']} | failed: {r['error'][:120]} | | | | | | | | | | |")
             continue
         out.append(
             f"| {r['shape']} | {r['variant']} | {f(r['ms'], 3)} | {x(r.get('speed_vs_bf16_3gemm'))} | "
-            f"{x(r.get('speed_vs_best_bf16'))} | {f(r['err_y'])} | {f(r['err_dtok'])} | {f(r['err_dwts'])} | "
+            f"{x(r.get('speed_vs_best_bf16'))} | {f(r.get('saved_mib'), 1)} | {f(r.get('saved_vs_bf16'), 2)} | "
+            f"{f(r.get('peak_mib'), 0)} | {f(r['err_y'])} | {f(r['err_dtok'])} | {f(r['err_dwts'])} | "
             f"{f(r['err_dw13'])} | {f(r['err_dw2'])} |"
         )
     return "\n".join(out) + "\n"

@@ -40,6 +40,7 @@ checks them bitwise (the SwiGLU modes up to exp() ulps) and against moeq/quant/f
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -195,6 +196,12 @@ except ImportError:  # pragma: no cover - triton ships with torch on Linux x86-6
 
 if HAS_TRITON:
 
+    # On the GPU the e4m3 cast is the hardware's cvt.rn.satfinite.e4m3x2.f32 (round to
+    # nearest even, one instruction per two values); the interpreter's float8 cast does not
+    # round ties to even, so there the kernels round on the bits. Both give the same bits
+    # for the clamped, finite values they see (GPU tests check it against the references).
+    _HW_CAST = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
     @triton.jit
     def _scale_exponent(amax):
         # Biased float32 exponent of 2**floor(log2(448 / max(amax, EPS))), from amax's bits:
@@ -220,6 +227,8 @@ if HAS_TRITON:
         # v is already scaled: |v| <= 448. Round to the e4m3 grid (nearest, ties to even) in
         # float32 so the final cast is exact on every backend.
         v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+        if _HW_CAST:
+            return v.to(tl.float8e4nv)
         bits = v.to(tl.int32, bitcast=True)
         sign = bits & -2147483648  # 0x80000000
         mag = bits & 0x7FFFFFFF
@@ -239,14 +248,22 @@ if HAS_TRITON:
         return tl.where(v == v, tl.abs(v), float("inf"))
 
     @triton.jit
-    def _load_source(src_ptr, aux_ptr, rows, cols, mask, stride_src, stride_aux, H: tl.constexpr, MODE: tl.constexpr):
+    def _load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux,
+                       H: tl.constexpr, MODE: tl.constexpr, HAS_W: tl.constexpr):
         # (BM, BK) float32 tiles of the source at source columns ``cols``; the second tile
-        # is the "up" half of the output in MODE_SWIGLU_BWD (zeros otherwise).
+        # is the "up" half of the output in MODE_SWIGLU_BWD (a copy of the first otherwise).
+        # HAS_W: ``w`` (BM,) float32 per-row routing weights multiply the plain source
+        # (MODE_PLAIN) or grad_h (MODE_SWIGLU_BWD) first. The third result is
+        # grad_h * h per element in MODE_SWIGLU_BWD (unweighted grad_h: the routing-weight
+        # gradient's terms), zeros otherwise.
         r = rows.to(tl.int64)[:, None]
         c = cols[None, :]
         if MODE == 0:
             v0 = tl.load(src_ptr + r * stride_src + c, mask=mask, other=0.0).to(tl.float32)
+            if HAS_W:
+                v0 = v0 * w[:, None]
             v1 = v0
+            hd = tl.zeros_like(v0)
         else:
             g = tl.load(src_ptr + r * stride_src + c, mask=mask, other=0.0).to(tl.float32)
             u = tl.load(src_ptr + r * stride_src + H + c, mask=mask, other=0.0).to(tl.float32)
@@ -254,10 +271,19 @@ if HAS_TRITON:
             if MODE == 1:
                 v0 = g * sig * u
                 v1 = v0
+                hd = tl.zeros_like(v0)
             else:
                 gh = tl.load(aux_ptr + r * stride_aux + c, mask=mask, other=0.0).to(tl.float32)
+                hd = gh * (g * sig * u)
+                if HAS_W:
+                    gh = gh * w[:, None]
                 v0 = gh * u * (sig * (1.0 + g * (1.0 - sig)))
                 v1 = gh * (g * sig)
+        return v0, v1, hd
+
+    @triton.jit
+    def _load_source(src_ptr, aux_ptr, rows, cols, mask, stride_src, stride_aux, H: tl.constexpr, MODE: tl.constexpr):
+        v0, v1, _ = _load_source_w(src_ptr, aux_ptr, rows, rows, cols, mask, stride_src, stride_aux, H, MODE, False)
         return v0, v1
 
     @triton.jit

@@ -1118,7 +1118,7 @@ def combine_backward_triton(
     """Triton twin of :func:`combine_backward_reference` (grad_y bitwise; grad_w is a
     float32 dot product whose summation order differs from torch's). One launch."""
     need_grad_w = need_grad_w and weights is not None
-    y = y.contiguous()
+    y = y.contiguous() if need_grad_w else y  # read only for grad_w (else maybe a stand-in)
     grad_out = grad_out.contiguous()
     R, N = y.shape
     grad_y = torch.empty((R, N) if need_grad_y else (0,), dtype=y.dtype, device=y.device)

@@ -115,6 +115,15 @@ def routed_swiglu_experts(
         return mxfp8_routed_swiglu_experts(
             tokens, expert_indices, expert_weights, gate_up_proj, down_proj, quantized_weights=qw
         )
+    if qtype is QuantizationType.FP8 and fused is not None and tokens.dtype == torch.bfloat16:
+        # routing weights folded into the down GEMM's epilogue, their gradient into the
+        # SwiGLU backward pass (moeq/quant/fp8_hopper.py)
+        from moeq.quant.fp8_hopper import fp8_routed_swiglu_experts
+
+        qw = _cached_weights(weight_cache, qtype, tokens, gate_up_proj, down_proj)
+        return fp8_routed_swiglu_experts(
+            tokens, expert_indices, expert_weights, gate_up_proj, down_proj, quantized_weights=qw
+        )
     grouped, counts, layout = _padding.permute_and_pad(tokens, expert_indices, num_experts, align)
     if qtype is QuantizationType.BF16:
         out = swiglu_experts(grouped, gate_up_proj, down_proj, counts)

@@ -367,7 +367,10 @@ _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
 
 def _combine_setup(ctx, inputs, output):
     y, dest_rows, source_rows, weights, top_k = inputs
-    ctx.save_for_backward(y, dest_rows, source_rows, weights)
+    # y's values only feed the weights' gradient: without it keep a one-element stand-in
+    # of y's shape and dtype (an unweighted combine keeps no (M, N) tensor for backward)
+    keep_y = weights is not None and ctx.needs_input_grad[3]
+    ctx.save_for_backward(y if keep_y else y.new_zeros(()).expand(y.shape), dest_rows, source_rows, weights)
     ctx.top_k = top_k
 
 

@@ -364,6 +364,111 @@ def _check_function_emulated() -> None:
     assert torch.equal(y3, y.detach())
 
 
+def _routed_fake_quant_pipeline(tokens, ids, weights, gate_up, down, gout):
+    """float64 GEMMs on moeq.quant.fp8_rowwise-quantized operands with the routed block's
+    numerics (routing weight on the down GEMM's rows, routing-weight gradient = grad_h . h).
+    Returns (out, grad_tokens, grad_weights, grad_gate_up, grad_down)."""
+    from moeq.kernels.fp8_rowwise import swiglu_backward_reference, swiglu_reference
+    from moeq.padding import permute_and_pad
+    from moeq.quant.fp8_rowwise import fp8_per_group_colwise_fake_quantize as fqc
+    from moeq.quant.fp8_rowwise import fp8_rowwise_fake_quantize as fq
+
+    e = gate_up.shape[0]
+    x, _, layout = permute_and_pad(tokens, ids, e, 16)
+    offs = layout.padded_offsets
+    src = layout.source_rows.long()
+    w = torch.where(src >= 0, weights.reshape(-1).float()[src.clamp(min=0)], 0.0)
+    g = torch.where((src >= 0)[:, None], gout.float()[(src // ids.shape[1]).clamp(min=0)], 0.0)
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+
+    def gmm(a, wt):
+        out = torch.zeros(a.shape[0], wt.shape[1], dtype=torch.float64)
+        for ex, (s0, t0) in enumerate(zip(starts, ends)):
+            out[s0:t0] = a[s0:t0].double() @ wt[ex].double().t()
+        return out
+
+    def wg(a, b):
+        return torch.stack([a[s0:t0].double().t() @ b[s0:t0].double() for s0, t0 in zip(starts, ends)])
+
+    xs = x.float()
+    gu = gmm(fq(xs, -1), fq(gate_up.float(), -1)).to(torch.bfloat16)
+    h = swiglu_reference(gu)
+    y = (w[:, None].double() * gmm(fq(h, -1), fq(down.float(), -1))).to(torch.bfloat16)
+    gh = gmm(fq(g, -1), fq(down.float(), -2).transpose(-2, -1)).to(torch.bfloat16)
+    dw_rows = (gh.double() * h.double()).sum(-1)
+    dgu = swiglu_backward_reference(gu, gh.float() * w[:, None])
+    gx = gmm(fq(dgu, -1), fq(gate_up.float(), -2).transpose(-2, -1))
+    dest = layout.dest_rows.long().view(ids.shape)
+    out = y.double()[dest].sum(1)
+    return (out, gx[dest].sum(1), dw_rows[dest], wg(fqc(dgu, offs), fqc(xs, offs)),
+            wg(fqc(g * w[:, None], offs), fqc(h, offs)))
+
+
+def _routed_float64_reference(tokens, ids, weights, gate_up, down, gout):
+    t64 = tokens.double().requires_grad_()
+    w64 = weights.double().requires_grad_()
+    w1, w2 = gate_up.double().requires_grad_(), down.double().requires_grad_()
+    hdim = down.shape[-1]
+    out = torch.zeros_like(t64)
+    for ex in range(gate_up.shape[0]):
+        tt, jj = (ids == ex).nonzero(as_tuple=True)
+        if tt.numel():
+            gu = t64[tt] @ w1[ex].t()
+            yy = (F.silu(gu[:, :hdim]) * gu[:, hdim:]) @ w2[ex].t()
+            out = out.index_add(0, tt, yy * w64[tt, jj, None])
+    out.backward(gout.double())
+    return out.detach(), t64.grad, w64.grad, w1.grad, w2.grad
+
+
+def _check_routed_emulated() -> None:
+    from moeq.quant import fp8_hopper as fh
+
+    fh._scaled_grouped_mm = emulated_scaled_grouped_mm
+    gen = torch.Generator().manual_seed(7)
+    num_experts, d, hdim, tokens_n, k = 4, 32, 48, 40, 2
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(tokens_n)])
+    ids[ids == 1] = 2  # expert 1 gets no token
+    ids[:, 1] = torch.where(ids[:, 0] == ids[:, 1], (ids[:, 0] + 1) % num_experts, ids[:, 1])
+    ids[ids == 1] = 3
+    ids[:, 1] = torch.where(ids[:, 0] == ids[:, 1], 0, ids[:, 1])
+    weights = torch.softmax(torch.randn(tokens_n, k, generator=gen), -1).requires_grad_()
+    tokens = torch.randn(tokens_n, d, generator=gen).bfloat16().requires_grad_()
+    gate_up = (torch.randn(num_experts, 2 * hdim, d, generator=gen) * 0.2).bfloat16().requires_grad_()
+    down = (torch.randn(num_experts, d, hdim, generator=gen) * 0.2).bfloat16().requires_grad_()
+    gout = torch.randn(tokens_n, d, generator=gen).bfloat16()
+    out = fh.fp8_routed_swiglu_experts(tokens, ids, weights, gate_up, down)
+    out.backward(gout)
+    got = (out.detach(), tokens.grad, weights.grad, gate_up.grad, down.grad)
+    assert out.dtype == torch.bfloat16 and weights.grad.dtype == weights.dtype
+    assert (gate_up.grad[1] == 0).all() and (down.grad[1] == 0).all(), "an expert without tokens gets zero grads"
+    names = ("out", "grad_tokens", "grad_routing_weights", "grad_gate_up", "grad_down")
+    fake = _routed_fake_quant_pipeline(tokens.detach(), ids, weights.detach(), gate_up.detach(), down.detach(), gout)
+    for what, a, b in zip(names, got, fake):
+        err = _rel(a, b)
+        assert err < 1e-2, f"{what}: rel err {err:.3g} vs the routed fake-quant float64 pipeline"
+    exact = _routed_float64_reference(tokens.detach(), ids, weights.detach(), gate_up.detach(), down.detach(), gout)
+    for what, a, b in zip(names, got, exact):
+        err = _rel(a, b)
+        assert err < FP8_SWIGLU_ERROR_BOUND, f"{what}: rel err {err:.3g} vs float64"
+    # what is kept for backward: no (M, D) bf16 tensor (the weighted combine's expert output)
+    from moeq.padding import padded_rows
+
+    m_rows = padded_rows(tokens_n * k, num_experts, 16)
+    kept = []
+    leaves = {t.untyped_storage().data_ptr() for t in (tokens, weights, gate_up, down)}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in leaves:
+            kept.append((tuple(t.shape), t.dtype, t.untyped_storage().nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fh.fp8_routed_swiglu_experts(tokens, ids, weights, gate_up, down)
+    big = [k_ for k_ in kept if k_[:2] == ((m_rows, d), torch.bfloat16) and k_[2] >= m_rows * d * 2]
+    assert not big, f"the routed block keeps an (M, D) bf16 tensor: {kept}"
+
+
 # ------------------------------------------------------------------ CPU tests
 
 
@@ -377,6 +482,10 @@ def test_dual_and_weight_quant_bitwise_interpreted():
 
 def test_swiglu_quant_interpreted():
     _run_interpreted("_check_swiglu_quant")
+
+
+def test_routed_block_vs_references_interpreted():
+    _run_interpreted("_check_routed_emulated")
 
 
 def test_function_vs_references_emulated_gemm_interpreted():
@@ -526,3 +635,46 @@ def test_gpu_bad_offsets_fail_on_device():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0, "misaligned offs must fail"
     assert "assert" in (r.stderr + r.stdout).lower()
+
+
+@pytest.mark.gpu
+@_hopper
+def test_gpu_routed_block():
+    """The routed FP8 block on the GPU: vs the routed fake-quant pipeline and float64,
+    torch.compile(fullgraph=True) equal to eager, no host sync."""
+    from moeq.quant.fp8_hopper import fp8_routed_swiglu_experts
+
+    gen = torch.Generator().manual_seed(11)
+    num_experts, d, hdim, tokens_n, k = 8, 256, 128, 512, 2
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(tokens_n)])
+    weights = torch.softmax(torch.randn(tokens_n, k, generator=gen), -1)
+    tokens = torch.randn(tokens_n, d, generator=gen).bfloat16()
+    gate_up = (torch.randn(num_experts, 2 * hdim, d, generator=gen) / d**0.5).bfloat16()
+    down = (torch.randn(num_experts, d, hdim, generator=gen) / hdim**0.5).bfloat16()
+    gout = torch.randn(tokens_n, d, generator=gen).bfloat16()
+
+    def run(fn):
+        leaves = [t.cuda().requires_grad_() for t in (tokens, weights, gate_up, down)]
+        out = fn(leaves[0], ids.cuda(), leaves[1], leaves[2], leaves[3])
+        out.backward(gout.cuda())
+        return [out.detach().cpu()] + [t.grad.cpu() for t in leaves]
+
+    got = run(fp8_routed_swiglu_experts)
+    fake = _routed_fake_quant_pipeline(tokens, ids, weights, gate_up, down, gout)
+    exact = _routed_float64_reference(tokens, ids, weights, gate_up, down, gout)
+    for what, a, f, r in zip(("out", "tokens", "weights", "gate_up", "down"), got, fake, exact):
+        assert _rel(a, f) < 2e-2, f"{what}: {_rel(a, f):.3g} vs routed fake-quant float64"
+        assert _rel(a, r) < FP8_SWIGLU_ERROR_BOUND, f"{what}: {_rel(a, r):.3g} vs float64"
+    torch._dynamo.reset()
+    compiled = run(torch.compile(fp8_routed_swiglu_experts, fullgraph=True))
+    for a, b in zip(got, compiled):
+        assert torch.equal(a, b)
+    leaves = [t.cuda().requires_grad_() for t in (tokens, weights, gate_up, down)]
+    idc, gc = ids.cuda(), gout.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fp8_routed_swiglu_experts(leaves[0], idc, leaves[1], leaves[2], leaves[3]).backward(gc)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()

@@ -395,12 +395,16 @@ def _check_fp8_cached_bitwise() -> None:
         for w in (moe.experts.gate_up_proj, moe.experts.down_proj):
             w.copy_(_wide(w.normal_(0, 0.5)))
     moe = convert_model(moe, "fp8")
+    # one pass per weight copy: uncached, each micro-batch makes both weights' forward copies
+    # in its forward and their input-gradient copies in its backward (4 passes); cached, the
+    # context makes the same 4 once
     calls = []
-    orig = fh._k.quantize_weight
-    fh._k.quantize_weight = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
+    for name in ("quantize_weight_rows", "quantize_weight_cols"):
+        orig = getattr(fh._s, name)
+        setattr(fh._s, name, lambda *a, _orig=orig, **k: (calls.append(1), _orig(*a, **k))[1])
     batches = [t[:24] for t in _batches(32)]
     _assert_accumulation_bitwise(moe, batches)  # an uncached step, then a cached one
-    assert len(calls) == 2 * MICRO_BATCHES + 2, f"{len(calls)} weight passes, want {2 * MICRO_BATCHES} uncached + 2 cached"
+    assert len(calls) == 4 * MICRO_BATCHES + 4, f"{len(calls)} weight passes, want {4 * MICRO_BATCHES} uncached + 4 cached"
 
 
 def test_fp8_cached_weights_bitwise_interpreted():

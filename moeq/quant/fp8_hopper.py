@@ -7,26 +7,42 @@ token group ``g``,
     h       = silu(gate_up[:, :H]) * gate_up[:, H:]
     y[g]    = h @ down_proj[e].T               (M_g, D)
 
-with all six GEMMs (two forward, two dgrad, two wgrad) in ``torch._scaled_grouped_mm``
-FP8 e4m3 with one power-of-two float32 scale per row along each GEMM's contraction dim
-(the numerics of moeq/quant/fp8_rowwise.py, bitwise). Every operand is quantized once by
-the Triton passes of ``moeq.kernels.fp8_rowwise``, each producing both layouts an operand
-needs in two reads of its source:
+with all six GEMMs (two forward, two dgrad, two wgrad) in FP8 e4m3 with one power-of-two
+float32 scale per row along each GEMM's contraction dim (the numerics of
+moeq/quant/fp8_rowwise.py, bitwise). The forward and input-gradient GEMMs are moeq's own
+M-grouped FP8 GEMM (kernels/fp8_gemm.py: device-side tile schedule, TMA loads, slack rows
+written as zeros in the same launch); the two weight-gradient GEMMs are
+``torch._scaled_grouped_mm`` (faster than moeq's K-grouped kernel on these shapes, measured:
+docs/fp8_gemm.md). Operands are quantized by the single-read strip passes of
+kernels/fp8_strips.py:
 
 =========================  ======================================  ========================
 source                     row copy (scale along ...) -> GEMM        column copy -> GEMM
 =========================  ======================================  ========================
 x (M, D)                   D -> gate_up forward                      tokens/group -> wgrad gate_up
-gate_up_proj (E, 2H, D)    D -> gate_up forward                      2H -> dgrad x
+gate_up_proj (E, 2H, D)    D -> gate_up forward (made in forward)    2H -> dgrad x (made in backward)
 h (never in bf16)          H -> down forward                         tokens/group -> wgrad down
-down_proj (E, D, H)        H -> down forward                         D -> dgrad h
+down_proj (E, D, H)        H -> down forward (made in forward)       D -> dgrad h (made in backward)
 grad_y (M, D)              D -> dgrad h                              tokens/group -> wgrad down
 d gate_up (never in bf16)  2H -> dgrad x                             tokens/group -> wgrad gate_up
 =========================  ======================================  ========================
 
 Saved for backward: ``gate_up`` (bf16, as the BF16 path saves), the FP8 column copies of x
-and h, and the FP8 dgrad copies of both weights (1 byte per weight element: re-quantizing
-them in backward would read the bf16 weights again).
+and h with their scales: 1 + 2*2 + 1 bytes per (row, D / 2H / H) element, against BF16's
+bf16 x, gate_up and h. The weights' input-gradient copies are made in the backward from
+the weights themselves (the same bytes as making them in the forward, one read each), so
+nothing weight-sized is kept between forward and backward; ``moeq.quantized_weight_cache``
+(gradient accumulation) makes both copies once per step instead.
+
+**The routed block** ``fp8_routed_swiglu_experts(tokens, expert_indices, expert_weights, ...)``
+folds the routing weights into the experts: the down GEMM's epilogue multiplies each row
+by its routing weight (its per-row scale factor becomes ``1/scale * w``), the combine is an
+unweighted sum, and the routing-weight gradient ``dw[row] = sum_n grad_h[row, n] * h[row, n]``
+(grad_h of the unweighted output, h recomputed from gate_up) comes out of the SwiGLU
+backward pass that already reads both. So the (M, D) bf16 expert output, which a weighted
+combine must keep for that gradient, is never saved. The grad_y copies: the row copy (for
+grad_h) quantizes the unweighted gradient rows, the column copy (for the down weight's
+gradient) the weighted ones, ``w * grad``.
 
 Layout contract: ``offs`` (E,) int32 cumulative group ends, every group starting at a
 multiple of ``GROUP_ALIGNMENT[FP8]`` (16) and ``offs[-1] <= M``; rows at or past
@@ -35,7 +51,7 @@ layout is checked on device (``torch._assert_async``), never read on the host. A
 Inf in a group's data turns that row's / column's dequantization scale into NaN, so the
 outputs it touches are NaN rather than silently finite.
 
-No host syncs; ``torch.compile(fullgraph=True)`` traces it (the Triton passes are custom
+No host syncs; ``torch.compile(fullgraph=True)`` traces it (the Triton launches are custom
 ops under compile).
 
 Weight quantization once per optimizer step: ``quantize_fp8_expert_weights`` makes both
@@ -50,7 +66,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from moeq.kernels import fp8_gemm as _g
 from moeq.kernels import fp8_rowwise as _k
+from moeq.kernels import fp8_strips as _s
 
 _OUT_DTYPE = torch.bfloat16  # torch._scaled_grouped_mm's only output dtype
 # Hopper's FP8 tensor cores without periodic fp32 promotion, as torchao runs them: the
@@ -65,6 +83,17 @@ _scaled_grouped_mm = torch._scaled_grouped_mm
 
 def _mm(a, b, scale_a, scale_b, offs):
     return _scaled_grouped_mm(a, b, scale_a, scale_b, offs=offs, out_dtype=_OUT_DTYPE, use_fast_accum=_FAST_ACCUM)
+
+
+def _gemm(a, b, scale_a, scale_b, offs):
+    """moeq's M-grouped FP8 GEMM: a (M, K) e4m3, b (E, N, K) e4m3 -> (M, N) bf16, slack rows zero."""
+    return _g.grouped_mm(a, b, scale_a, scale_b, offs, out_dtype=_OUT_DTYPE)
+
+
+def _wgrad(a_col, b_col, a_inv, b_inv, offs, dtype):
+    """(N, L) x (K, L) token-contiguous column copies -> (E, N, K) weight gradient in ``dtype``."""
+    out = _mm(a_col, b_col.t(), a_inv.reshape(-1), b_inv.reshape(-1), offs)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def _check_inputs(x, gate_up_proj, down_proj, offs) -> None:
@@ -138,63 +167,77 @@ def quantize_fp8_expert_weights(
         Fp8ExpertWeights of e4m3 data and float32 inverse scales (no autograd history).
     """
     with torch.no_grad():
-        return Fp8ExpertWeights(
-            _k.quantize_weight(gate_up_proj, colwise=need_dgrad), _k.quantize_weight(down_proj, colwise=need_dgrad)
-        )
+        return Fp8ExpertWeights(_weight_copies(gate_up_proj, need_dgrad), _weight_copies(down_proj, need_dgrad))
+
+
+def _weight_copies(w: torch.Tensor, need_dgrad: bool) -> _k.Fp8Dual:
+    row, row_inv = _s.quantize_weight_rows(w)
+    if need_dgrad:
+        col, col_inv = _s.quantize_weight_cols(w)
+    else:
+        col, col_inv = row.new_empty((0,)), row_inv.new_empty((0,))
+    return _k.Fp8Dual(row, row_inv, col, col_inv)
 
 
 class _Fp8SwiGLUExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate_up_proj, down_proj, offs, need_x, need_gu, need_down, qweights=None):
-        m = x.shape[0]
-        need_h = need_x or need_gu  # grad of h feeds both of these
+    def forward(ctx, x, row_weights, gate_up_proj, down_proj, offs, need_x, need_w, need_gu, need_down, qweights=None):
+        need_h = need_x or need_gu or need_w  # grad of h feeds all three
         x = x.contiguous()
         if qweights is None:
-            wgu = _k.quantize_weight(gate_up_proj, colwise=need_x)
-            wd = _k.quantize_weight(down_proj, colwise=need_h)
+            wgu_row, wgu_row_inv = _s.quantize_weight_rows(gate_up_proj)
+            wd_row, wd_row_inv = _s.quantize_weight_rows(down_proj)
         else:  # precomputed by quantize_fp8_expert_weights: the same passes, run earlier
-            wgu, wd = qweights
-        xq = _k.quantize_dual(x, offs, rowwise=True, colwise=need_gu)
+            wgu_row, wgu_row_inv = qweights.gate_up.row, qweights.gate_up.row_inv
+            wd_row, wd_row_inv = qweights.down.row, qweights.down.row_inv
+        xq = _s.quantize_dual_strips(x, offs, rowwise=True, colwise=need_gu)
         torch._assert_async(
             xq.offs_ok,
             "fp8_swiglu_experts: offs must be non-decreasing int32 group ends, each a multiple of "
             "GROUP_ALIGNMENT[FP8] and <= x.shape[0]: pad token groups (moeq.padding) first",
         )
-        gate_up = _mm(xq.row, wgu.row.transpose(-2, -1), xq.row_inv, wgu.row_inv, offs)  # (M, 2H)
-        hq = _k.swiglu_quantize(gate_up, offs, colwise=need_down)
-        y = _mm(hq.row, wd.row.transpose(-2, -1), hq.row_inv, wd.row_inv, offs)  # (M, D)
-        _k.zero_slack_rows_(y, offs)
-        ctx.flags = (need_x, need_gu, need_down)
+        gate_up = _gemm(xq.row, wgu_row, xq.row_inv, wgu_row_inv, offs)  # (M, 2H)
+        hq = _s.swiglu_quantize_strips(gate_up, offs, colwise=need_down)
+        # the routing weight rides on h's per-row dequantization factor (exact power of two
+        # times w): y = w * (h @ down.T), rounded to bf16 once
+        h_scale = hq.row_inv if row_weights is None else hq.row_inv * row_weights
+        y = _gemm(hq.row, wd_row, h_scale, wd_row_inv, offs)  # (M, D)
+        ctx.flags = (need_x, need_w, need_gu, need_down)
         ctx.weight_dtypes = (gate_up_proj.dtype, down_proj.dtype)
-        ctx.m = m
-        ctx.save_for_backward(
-            offs, gate_up, xq.col, xq.col_inv, hq.col, hq.col_inv, wgu.col, wgu.col_inv, wd.col, wd.col_inv
-        )
+        ctx.qweights = qweights if qweights is not None and qweights.has_dgrad else None
+        saved_w = row_weights if row_weights is not None else offs.new_empty((0,), dtype=torch.float32)
+        ctx.has_row_weights = row_weights is not None
+        ctx.save_for_backward(offs, gate_up, xq.col, xq.col_inv, hq.col, hq.col_inv, saved_w, gate_up_proj, down_proj)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        offs, gate_up, x_col, x_col_inv, h_col, h_col_inv, wgu_col, wgu_col_inv, wd_col, wd_col_inv = ctx.saved_tensors
-        need_x, need_gu, need_down = ctx.flags
-        need_h = need_x or need_gu
+        offs, gate_up, x_col, x_col_inv, h_col, h_col_inv, w, gate_up_proj, down_proj = ctx.saved_tensors
+        need_x, need_w, need_gu, need_down = ctx.flags
+        need_h = need_x or need_gu or need_w
+        w = w if ctx.has_row_weights else None
+        qw = ctx.qweights
         grad_y = grad_y.to(torch.bfloat16).contiguous()
-        gq = _k.quantize_dual(grad_y, offs, rowwise=need_h, colwise=need_down)
-        grad_x = grad_gu = grad_down = None
+        # row copy: the unweighted gradient rows (grad_h of the unweighted output, for dw);
+        # column copy: the weighted ones (the down weight's gradient)
+        gq = _s.quantize_dual_strips(grad_y, offs, rowwise=need_h, colwise=need_down, row_weights=w,
+                                     weight_col_copy=w is not None)
+        grad_x = grad_w = grad_gu = grad_down = None
         if need_down:
-            # (D, M) x (M, H) per group -> (E, D, H)
-            grad_down = _mm(gq.col, h_col.t(), gq.col_inv.reshape(-1), h_col_inv.reshape(-1), offs)
-            grad_down = grad_down.to(ctx.weight_dtypes[1])
+            grad_down = _wgrad(gq.col, h_col, gq.col_inv, h_col_inv, offs, ctx.weight_dtypes[1])  # (E, D, H)
         if need_h:
-            grad_h = _mm(gq.row, wd_col.transpose(-2, -1), gq.row_inv, wd_col_inv, offs)  # (M, H)
-            ggq = _k.swiglu_backward_quantize(gate_up, grad_h, offs)
+            wd_col, wd_col_inv = (qw.down.col, qw.down.col_inv) if qw is not None else _s.quantize_weight_cols(down_proj)
+            grad_h = _gemm(gq.row, wd_col, gq.row_inv, wd_col_inv, offs)  # (M, H), unweighted
+            ggq, dw = _s.swiglu_backward_quantize_strips(gate_up, grad_h, offs, row_weights=w, colwise=need_gu)
+            grad_w = dw if need_w else None
             if need_x:
-                grad_x = _mm(ggq.row, wgu_col.transpose(-2, -1), ggq.row_inv, wgu_col_inv, offs)  # (M, D)
-                _k.zero_slack_rows_(grad_x, offs)
+                wgu_col, wgu_col_inv = (
+                    (qw.gate_up.col, qw.gate_up.col_inv) if qw is not None else _s.quantize_weight_cols(gate_up_proj)
+                )
+                grad_x = _gemm(ggq.row, wgu_col, ggq.row_inv, wgu_col_inv, offs)  # (M, D), slack rows zero
             if need_gu:
-                # (2H, M) x (M, D) per group -> (E, 2H, D)
-                grad_gu = _mm(ggq.col, x_col.t(), ggq.col_inv.reshape(-1), x_col_inv.reshape(-1), offs)
-                grad_gu = grad_gu.to(ctx.weight_dtypes[0])
-        return grad_x, grad_gu, grad_down, None, None, None, None, None
+                grad_gu = _wgrad(ggq.col, x_col, ggq.col_inv, x_col_inv, offs, ctx.weight_dtypes[0])  # (E, 2H, D)
+        return grad_x, grad_w, grad_gu, grad_down, None, None, None, None, None, None
 
 
 def _check_quantized_weights(qw, gate_up_proj, down_proj, need_dgrad: bool) -> None:
@@ -242,13 +285,58 @@ def fp8_swiglu_experts(
     D and H must be multiples of 16. Gradients: x (bf16), weights (in their dtypes),
     computed only for inputs that require them.
     """
+    return _apply(x, None, gate_up_proj, down_proj, offs, quantized_weights)
+
+
+def _apply(x, row_weights, gate_up_proj, down_proj, offs, quantized_weights):
     _check_inputs(x, gate_up_proj, down_proj, offs)
     grad = torch.is_grad_enabled()
     need_x, need_gu, need_down = (
         grad and x.requires_grad, grad and gate_up_proj.requires_grad, grad and down_proj.requires_grad
     )
+    need_w = grad and row_weights is not None and row_weights.requires_grad
     if quantized_weights is not None:
-        _check_quantized_weights(quantized_weights, gate_up_proj, down_proj, need_x or need_gu)
+        _check_quantized_weights(quantized_weights, gate_up_proj, down_proj, need_x or need_gu or need_w)
     return _Fp8SwiGLUExperts.apply(
-        x, gate_up_proj, down_proj, offs, need_x, need_gu, need_down, quantized_weights,
+        x, row_weights, gate_up_proj, down_proj, offs, need_x, need_w, need_gu, need_down, quantized_weights,
     )
+
+
+def fp8_routed_swiglu_experts(
+    tokens: torch.Tensor,
+    expert_indices: torch.Tensor,
+    expert_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    quantized_weights: Optional[Fp8ExpertWeights] = None,
+) -> torch.Tensor:
+    """A whole routed MoE experts block in FP8 rowwise: permute-and-pad, experts, combine.
+
+    The routing weights multiply the down GEMM's output rows in its epilogue and their
+    gradient comes from the SwiGLU backward pass (module docstring), so the combine is an
+    unweighted sum and the bf16 expert outputs are not kept for backward.
+
+    Args:
+        tokens: (T, D) bfloat16. expert_indices: (T, k) integer expert ids in [0, E).
+        expert_weights: (T, k) routing scores (any float dtype; gradients come back in it).
+        gate_up_proj: (E, 2H, D) bfloat16/float32. down_proj: (E, D, H).
+        quantized_weights: as for :func:`fp8_swiglu_experts`.
+    Returns:
+        (T, D) bfloat16. Differentiable w.r.t. tokens, expert_weights and both weights.
+    """
+    from moeq.padding import combine_token_groups, permute_and_pad
+
+    if tokens.dtype != torch.bfloat16:
+        raise TypeError(f"fp8_routed_swiglu_experts needs bfloat16 tokens, got {tokens.dtype}: cast them, or use "
+                        f"permute_and_pad + fp8_swiglu_experts")
+    if expert_weights.shape != expert_indices.shape:
+        raise ValueError(f"expert_weights {tuple(expert_weights.shape)} must match expert_indices "
+                         f"{tuple(expert_indices.shape)}: one weight per (token, slot)")
+    x, _, layout = permute_and_pad(tokens, expert_indices, gate_up_proj.shape[0], _k.ALIGN)
+    src = layout.source_rows.long()
+    flat = expert_weights.reshape(-1).float()
+    # padding and slack rows (source -1) get weight 0 (their rows are zero anyway)
+    row_weights = torch.where(src >= 0, flat[src.clamp(min=0)], flat.new_zeros(()))
+    y = _apply(x, row_weights, gate_up_proj, down_proj, layout.padded_offsets, quantized_weights)
+    return combine_token_groups(y, layout, None)
