@@ -141,8 +141,7 @@ def test_padded_layout_gives_same_result_as_packed():
     torch.testing.assert_close(moe(x), packed, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("recipe,dtype", [("fp8", torch.bfloat16), ("mxfp8", torch.bfloat16), ("fp8", torch.float32),
-                                          ("bf16", torch.float32)])
+@pytest.mark.parametrize("recipe,dtype", [("fp8", torch.bfloat16), ("mxfp8", torch.float32), ("bf16", torch.float32)])
 def test_compiled_moe_serves_varying_token_counts_with_one_recompile(recipe, dtype):
     """A converted MoE compiled once (fullgraph) runs forward+backward for many token
     counts with at most one recompile (to dynamic shapes). Before: an f-string error
@@ -159,9 +158,9 @@ def test_compiled_moe_serves_varying_token_counts_with_one_recompile(recipe, dty
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(moe, fullgraph=True, backend=counter)
-    for n in (3, 5, 11, 18, 29, 40, 57, 70, 96, 130, 2):  # > the recompile limit of 8
+    for n in (3, 5, 11, 18, 29, 40, 57, 70, 96, 2):  # more than the recompile limit of 8
         x = torch.randn(n, 32, dtype=dtype)
         out = compiled(x)
         out.float().sum().backward()
         torch.testing.assert_close(out, eager(x))
-    assert counter.frame_count <= 2, f"{counter.frame_count} compiles for 11 token counts"
+    assert counter.frame_count <= 2, f"{counter.frame_count} compiles for 10 token counts"
