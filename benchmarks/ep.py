@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import os
 import statistics
@@ -82,6 +83,9 @@ def parse_args():
     p.add_argument("--tiny", action="store_true", help="tiny sizes for a CPU smoke test")
     p.add_argument("--cpu-smoke", action="store_true", help="--backend gloo --device cpu --tiny")
     p.add_argument("--out", default=None, help="directory for ep.json / ep.md")
+    p.add_argument("--timeout-s", type=float, default=300.0,
+                   help="bound on every collective wait: a rank that fails turns into an error on the others "
+                        "after this long (init_process_group(timeout=...); torch's default is 30 minutes)")
     p.add_argument("--no-fp64-reference", action="store_true",
                    help="skip the float64 reference (its fp64 weights do not fit beside EP=2 of a DSV3-sized layer)")
     a = p.parse_args()
@@ -427,7 +431,7 @@ def main():
     args = parse_args()
     use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     backend = args.backend or ("nccl" if use_cuda else "gloo")
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     args.ep = args.ep or world
     if world % args.ep:

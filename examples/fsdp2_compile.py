@@ -4,6 +4,7 @@
 On CPU it runs on gloo; on GPUs on NCCL.
 """
 import argparse
+import datetime
 import os
 
 import torch
@@ -24,7 +25,8 @@ def main(argv=None) -> list:
     p.add_argument("--compile-backend", default="inductor", help="aot_eager traces without codegen (fast on CPU)")
     args = p.parse_args(argv)
     on_gpu = torch.cuda.is_available()
-    dist.init_process_group("nccl" if on_gpu else "gloo")
+    # a finite timeout: if one rank fails, the others raise within it instead of waiting 30 minutes
+    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(seconds=120))
     rank = dist.get_rank()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
     if on_gpu:

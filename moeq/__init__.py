@@ -6,7 +6,7 @@
         ...                                             # expert weights once per step
 """
 from moeq.experts import COMPUTE_BACKENDS, GroupedExperts, swiglu_experts
-from moeq.moe import MoE
+from moeq.moe import MoE, set_aux_loss_scale
 from moeq.padding import (
     PaddedLayout,
     combine_token_groups,
@@ -57,6 +57,7 @@ __all__ = [
     "permute_and_pad",
     "quantized_grouped_mm",
     "quantized_weight_cache",
+    "set_aux_loss_scale",
     "swiglu_experts",
     "unpad_token_groups",
 ]

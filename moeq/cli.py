@@ -58,7 +58,7 @@ def _cmd_train(args) -> int:
     from moeq.train import train
 
     cfg = dataclasses.replace(_config(args), recipe=args.recipe, out_dir=args.out_dir, resume=args.resume,
-                              checkpoint_every=args.checkpoint_every)
+                              checkpoint_every=args.checkpoint_every, allow_config_change=args.allow_config_change)
     r = train(cfg)
     print(f"recipe={r.recipe} steps={r.steps} final_loss={r.final_loss:.4f} (first {r.losses[0]:.4f}) "
           f"tokens/s={r.tokens_per_s:,.0f} peak_memory={r.peak_memory_mb:,.0f} MB converted={len(r.converted)} modules")
@@ -104,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the demo MoE language model with one recipe")
     t.add_argument("--recipe", type=_recipe, default="bf16", help=f"one of {', '.join(RECIPE_NAMES)}")
     t.add_argument("--out-dir", help="write checkpoint.pt and metrics.json here")
-    t.add_argument("--resume", action="store_true", help="continue from --out-dir/checkpoint.pt")
-    t.add_argument("--checkpoint-every", type=int, default=0)
+    t.add_argument("--resume", action="store_true",
+                   help="continue from --out-dir/checkpoint.pt (refused if its config differs from these flags)")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue even if the checkpoint was trained with other flags")
+    t.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (needs --out-dir)")
     _add_train_args(t)
     t.set_defaults(func=_cmd_train)
 
@@ -131,8 +134,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
-        print(f"moeq: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
+        # one line, no traceback: moeq's own messages name the flag and the fix
+        print(f"moeq: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

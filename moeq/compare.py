@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from moeq.train import TrainConfig, TrainResult, train
+from moeq.train import TrainConfig, TrainResult, check_config, train
 
 
 def compare_recipes(base: TrainConfig, recipes: Sequence[str], out_dir: str) -> list[TrainResult]:
@@ -17,11 +17,16 @@ def compare_recipes(base: TrainConfig, recipes: Sequence[str], out_dir: str) -> 
     ``results.json``. Returns the results in ``recipes`` order.
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir (--out-dir) {out_dir} is a file, not a directory: pass a directory")
+    if not recipes:
+        raise ValueError("recipes (--recipes) is empty: name at least one recipe")
+    configs = [dataclasses.replace(base, recipe=recipe, out_dir=None, resume=False, checkpoint_every=0)
+               for recipe in recipes]
+    for cfg in configs:  # every config is checked before the first run starts
+        check_config(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for recipe in recipes:
-        cfg = dataclasses.replace(base, recipe=recipe, out_dir=None, resume=False)
-        results.append(train(cfg))
+    results = [train(cfg) for cfg in configs]
     plot_loss_curves(results, out / "loss_curves.png", title=_title(base))
     (out / "results.md").write_text(results_table(results, base))
     (out / "results.json").write_text(

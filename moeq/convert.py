@@ -17,8 +17,9 @@ from moeq.integrations import family_names, find_adapter, unsupported_experts
 from moeq.integrations.base import ExpertsAdapter, original_class
 from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, get_kernel, kernel_names
 from moeq.recipes import QuantizationType, RecipeLike, group_alignment, parse_recipe
+from moeq.validation import check_convert_args
 
-FilterLike = Union[None, Sequence[str], Callable[[str, nn.Module], bool]]
+FilterLike = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 
 __all__ = ["ConvertedExperts", "FilterLike", "check_dims", "check_kernel", "convert_experts_module", "convert_model"]
 
@@ -117,8 +118,8 @@ def convert_model(
     Args:
         model: any nn.Module.
         recipe: ``"bf16"``, ``"fp8"``, ``"mxfp8"`` or a QuantizationType.
-        filter_fqns: None (all experts), a list of substrings of module FQNs to convert,
-            or ``f(fqn, module) -> bool``.
+        filter_fqns: None (all experts), a substring of module FQNs to convert (a str
+            is one substring), a list of them, or ``f(fqn, module) -> bool``.
         kernel: ``"auto"`` (fastest path the device runs), ``"emulated"`` (plain-torch
             quantization numerics, any device), ``"triton"`` (fused Hopper
             kernels; SM90 only), or a per-GEMM kernel from
@@ -130,12 +131,14 @@ def convert_model(
             the recipe's alignment (names the module, the dim and the multiple).
         TypeError: a torchtitan experts module of a layout moeq does not know (named).
     """
+    filter_fqns = check_convert_args(model, filter_fqns)  # a str is one FQN substring
     qtype = parse_recipe(recipe)
     check_kernel(kernel)
     found = []
     for fqn, module in model.named_modules():
         adapter = find_adapter(module)
-        if not _matches(fqn, module, filter_fqns):
+        # the filter is asked about experts modules only (a callable never sees the rest)
+        if (adapter is None and not unsupported_experts(module)) or not _matches(fqn, module, filter_fqns):
             continue
         if adapter is not None:
             found.append((fqn, module, adapter))

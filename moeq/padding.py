@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from moeq.eager_ops import eager_fast_op
+from moeq.validation import check_int
 from moeq.kernels import padding as _k
 
 __all__ = [
@@ -134,8 +135,10 @@ def padded_rows(num_rows: int, num_groups: int, alignment: Optional[int]) -> int
     """Static row count of a padded buffer: an upper bound that needs no device data.
 
     ``round_up(num_rows + num_groups * (alignment - 1), alignment)``; ``num_rows`` when
-    ``alignment`` is None or 1.
+    ``alignment`` is None or 1. ``num_rows`` (M) and ``num_groups`` (E) are ints >= 0.
     """
+    check_int("num_rows", num_rows, minimum=0, fix="pass M, the row count of the unpadded tokens")
+    check_int("num_groups", num_groups, minimum=0, fix="pass E, the number of token groups (experts)")
     a = _alignment(alignment)
     if a == 1:
         return num_rows

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeq.validation import check_float, check_int, check_tensor
+
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 LOAD_BALANCING = ("aux_loss", "expert_bias", "none")
 
@@ -51,7 +53,9 @@ class _AuxLossInjector(torch.autograd.Function):
     """Identity on ``out`` whose backward also sends gradient 1 into ``aux_loss``.
 
     This adds the load-balancing loss to whatever loss the user backpropagates, without
-    the user's training loop having to know the auxiliary loss exists.
+    the user's training loop having to know the auxiliary loss exists. Gradient 1 is
+    right only for an unscaled backward: ``moeq.MoE`` multiplies the aux loss by its
+    ``aux_loss_scale`` first (``moeq.set_aux_loss_scale``: accumulation, GradScaler).
     """
 
     @staticmethod
@@ -84,6 +88,20 @@ class RouterOutput(NamedTuple):
     expert_weights: torch.Tensor
     num_tokens_per_expert: torch.Tensor
     aux_loss: torch.Tensor
+
+
+def check_router_args(dim: int, num_experts: int, top_k: int) -> tuple:
+    """``(dim, num_experts, top_k)`` as ints; TypeError/ValueError unless D >= 1, E >= 1 and
+    1 <= top_k <= E are integers."""
+    dim = check_int("dim", dim, minimum=1, fix="pass the model width D")
+    num_experts = check_int("num_experts", num_experts, minimum=1, fix="a router needs at least one expert to route to")
+    top_k = check_int("top_k", top_k, fix="pass the number of experts per token, e.g. top_k=2")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(
+            f"top_k={top_k} must be between 1 and num_experts={num_experts}: each token goes to top_k "
+            f"distinct experts"
+        )
+    return dim, num_experts, top_k
 
 
 def count_tokens_per_expert(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -140,8 +158,9 @@ class TopKRouter(nn.Module):
             raise ValueError(f"load_balancing={load_balancing!r}: use one of {LOAD_BALANCING}")
         if router_dtype not in (None, torch.float32):
             raise ValueError(f"router_dtype={router_dtype!r}: use None or torch.float32")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
+        dim, num_experts, top_k = check_router_args(dim, num_experts, top_k)
+        check_float("aux_loss_coeff", aux_loss_coeff, minimum=0.0, fix="pass a weight >= 0 (0 turns the loss off)")
+        check_float("bias_update_rate", bias_update_rate, minimum=0.0, fix="pass a step size >= 0")
         self.num_experts = num_experts
         self.top_k = top_k
         self.score_func = score_func
@@ -167,10 +186,18 @@ class TopKRouter(nn.Module):
         """Route T tokens.
 
         Args:
-            x: (T, D) tokens.
+            x: (T, D) floating-point tokens.
         Returns:
             RouterOutput (see its docstring); weights are float32.
         """
+        check_tensor("x", x, dim=2, layout="(tokens, dim)")
+        if x.shape[1] != self.gate.in_features:
+            raise ValueError(
+                f"x has {x.shape[1]} features per token but the router's dim is {self.gate.in_features}: "
+                f"pass (tokens, {self.gate.in_features}) tokens"
+            )
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}: cast the tokens (x.float())")
         if self.router_dtype == torch.float32:
             logits = fp32_linear(x, self.gate.weight)
         else:

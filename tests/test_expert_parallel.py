@@ -23,9 +23,9 @@ DIM, HIDDEN, TOP_K = 32, 32, 2  # multiples of 32: every recipe converts
 STARVED = (1,)  # experts no token is ever routed to (a whole-group-empty case)
 
 
-def _global_moe(num_experts, seed=0):
+def _global_moe(num_experts, seed=0, dtype=torch.bfloat16):
     torch.manual_seed(seed)
-    moe = moeq.MoE(DIM, HIDDEN, num_experts, TOP_K, load_balancing="none", dtype=torch.bfloat16)
+    moe = moeq.MoE(DIM, HIDDEN, num_experts, TOP_K, load_balancing="none", dtype=dtype)
     with torch.no_grad():
         moe.router.gate.weight.normal_(0, 1.0)
         moe.router.gate.weight[list(STARVED), 0] = -50.0  # x[:, 0] > 0 below: never chosen
@@ -34,7 +34,7 @@ def _global_moe(num_experts, seed=0):
     return moe
 
 
-def _global_batch(sizes, seed=1, spread=False):
+def _global_batch(sizes, seed=1, spread=False, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(sum(sizes), DIM, generator=g)
     x[:, 0] = x[:, 0].abs() + 1.0
@@ -44,7 +44,7 @@ def _global_batch(sizes, seed=1, spread=False):
         # row (along D) and column (along tokens) quantization scales then differ
         x = x * torch.exp2(torch.rand(sum(sizes), 1, generator=g) * 8 - 4)
         x = x * torch.exp2(torch.rand(1, DIM, generator=g) * 8 - 4)
-    return x.to(torch.bfloat16), grad.to(torch.bfloat16)
+    return x.to(dtype), grad.to(dtype)
 
 
 def _convert(moe, recipe):
@@ -52,10 +52,10 @@ def _convert(moe, recipe):
         moeq.convert_model(moe, recipe, kernel="emulated")
 
 
-def _reference(num_experts, recipe, sizes, spread=False):
-    moe = _global_moe(num_experts)
+def _reference(num_experts, recipe, sizes, spread=False, dtype=torch.bfloat16):
+    moe = _global_moe(num_experts, dtype=dtype)
     _convert(moe, recipe)
-    x, g = _global_batch(sizes, spread=spread)
+    x, g = _global_batch(sizes, spread=spread, dtype=dtype)
     x.requires_grad_()
     out = moe(x)
     out.backward(g)
@@ -81,15 +81,15 @@ class _PadSpy:
 
 
 def _ep_step(mesh, num_experts, recipe, sizes, *, convert_first, fused=True, compile=False, quantize_dispatch=False,
-             spread=False):
+             spread=False, dtype=torch.bfloat16):
     rank = dist.get_rank()
-    moe = _global_moe(num_experts)
+    moe = _global_moe(num_experts, dtype=dtype)
     if convert_first:
         _convert(moe, recipe)
     moeq.apply_expert_parallel(moe, mesh, fused=fused, quantize_dispatch=quantize_dispatch)
     if not convert_first:
         _convert(moe, recipe)
-    x, g = _global_batch(sizes, spread=spread)
+    x, g = _global_batch(sizes, spread=spread, dtype=dtype)
     start = sum(sizes[:rank])
     x = x[start: start + sizes[rank]].clone().requires_grad_()
     fn = torch.compile(moe, backend="aot_eager") if compile else moe
@@ -360,12 +360,75 @@ def case_errors(mesh, num_experts, recipe, sizes):
 
     with pytest.raises(ValueError, match="needs fused=True"):
         ExpertParallelDispatcher(mesh, num_experts, fused=False, quantize_dispatch=True)
-    # One rank quantizes, the other does not: every rank raises at the count exchange.
+    # One rank quantizes, the other does not: every rank raises at setup, naming rank 1.
     moe = _global_moe(num_experts)
     moeq.convert_model(moe, "fp8", kernel="emulated")
-    moeq.apply_expert_parallel(moe, mesh, quantize_dispatch=dist.get_rank() == 0)
+    with pytest.raises(ValueError, match=r"EP rank 1 \(global rank 1\) differs from EP rank 0.*quantize_dispatch True vs False"):
+        moeq.apply_expert_parallel(moe, mesh, quantize_dispatch=dist.get_rank() == 0)
+    # ... and if the dispatch mode changes after setup, the count exchange still catches it
+    moeq.apply_expert_parallel(moe, mesh)
+    moe.expert_dispatcher.quantize_dispatch = dist.get_rank() == 0
     with pytest.raises(RuntimeError, match=r"fp8 \(quantized dispatch\)"):
         moe(x)
+
+
+SETUP_DISAGREEMENTS = [
+    # (what rank 1 builds differently, expected error on every rank)
+    (dict(num_experts=8), r"EP rank 1 \(global rank 1\) differs from EP rank 0 \(global rank 0\): <root> num_experts 4 vs 8"),
+    (dict(hidden=64), r"<root>.gate_up_proj \(4, 64, 32\) torch.bfloat16 vs \(4, 128, 32\) torch.bfloat16"),
+    (dict(dtype=torch.float32), r"<root>.down_proj \(4, 32, 32\) torch.bfloat16 vs \(4, 32, 32\) torch.float32"),
+    (dict(recipe="mxfp8"), r"<root> recipe fp8 vs mxfp8"),
+    (dict(fused=False), r"fused True vs False"),
+]
+
+
+def case_setup_disagreement(mesh, num_experts, recipe, sizes):
+    """Ranks that built different models fail at apply_expert_parallel, all of them, naming
+    the rank and each differing field (one collective; before: a crash inside gloo or a
+    recipe error blaming the wrong thing at the first forward)."""
+    rank = dist.get_rank()
+    for change, pattern in SETUP_DISAGREEMENTS:
+        mine = change if rank == 1 else {}
+        torch.manual_seed(0)
+        moe = moeq.MoE(DIM, mine.get("hidden", HIDDEN), mine.get("num_experts", num_experts), TOP_K,
+                       dtype=mine.get("dtype", torch.bfloat16))
+        moeq.convert_model(moe, mine.get("recipe", "fp8"), kernel="emulated")
+        with pytest.raises(ValueError, match=pattern):
+            moeq.apply_expert_parallel(moe, mesh, fused=mine.get("fused", True))
+        assert moe.expert_dispatcher is None  # nothing was sharded
+    # a check that fails on one rank only: that rank raises its own error, the others name it
+    moe = _global_moe(num_experts + (1 if rank == 1 else 0))
+    pattern = "not divisible by the EP size" if rank == 1 else r"failed on EP rank 1 .*5 experts, not divisible"
+    with pytest.raises(ValueError, match=pattern):
+        moeq.apply_expert_parallel(moe, mesh)
+    # agreeing ranks still work afterwards (the group is healthy)
+    _check_case(mesh, num_experts, "fp8", sizes, convert_first=True)
+
+
+def case_quantized_dispatch_float32(mesh, num_experts, recipe, sizes):
+    """A float32 model with quantized dispatch: float32 output, bitwise the single process's
+    (before: bfloat16 output differing by 2.4e-2), as are the input and down_proj gradients;
+    gate_up_proj's gradient as for bfloat16 models (the token-dim quantization of rows
+    dequantized along D)."""
+    rank, ep = dist.get_rank(), dist.get_world_size()
+    f32 = torch.float32
+    ref_out, ref_gx, ref_grads = _reference(num_experts, recipe, sizes, spread=True, dtype=f32)
+    moe, out, gx, _ = _ep_step(mesh, num_experts, recipe, sizes, convert_first=True, quantize_dispatch=True,
+                               spread=True, dtype=f32)
+    assert moe.expert_dispatcher.uses_quantized_dispatch(moe.experts)
+    start, n = sum(sizes[:rank]), sizes[rank]
+    assert out.dtype == f32 and gx.dtype == f32
+    assert torch.equal(out, ref_out[start: start + n]), f"forward differs: {recipe}"
+    assert torch.equal(gx, ref_gx[start: start + n]), f"input gradient differs: {recipe}"
+    e_local = num_experts // ep
+    shard = slice(rank * e_local, (rank + 1) * e_local)
+    grads = {name: p.grad.to_local() for name, p in moe.named_parameters() if name.startswith("experts.")}
+    assert grads["experts.down_proj"].dtype == f32
+    assert torch.equal(grads["experts.down_proj"], ref_grads["experts.down_proj"][shard])
+    got, want = grads["experts.gate_up_proj"].double(), ref_grads["experts.gate_up_proj"][shard].double()
+    parts = torch.stack([(got - want).norm() ** 2, want.norm() ** 2])
+    dist.all_reduce(parts)
+    assert (parts[0] / parts[1]).sqrt() < QDISPATCH_VS_ONE_PROCESS
 
 
 # ---- tests --------------------------------------------------------------------------
@@ -387,6 +450,9 @@ def test_ep2():
             ("case_quantized_dispatch", 4, "mxfp8", sizes),
             ("case_quantized_dispatch_bf16_ignored", 4, "bf16", sizes),
             ("case_errors", 4, None, sizes),
+            ("case_setup_disagreement", 4, None, sizes),
+            ("case_quantized_dispatch_float32", 4, "fp8", sizes),
+            ("case_quantized_dispatch_float32", 4, "mxfp8", sizes),
         ],
     )
 
@@ -405,3 +471,60 @@ def test_ep4():
             ("case_quantized_dispatch", 8, "mxfp8", sizes),
         ],
     )
+
+
+# ---- a rank that fails mid-step ------------------------------------------------------
+
+COLLECTIVE_TIMEOUT_S = 3.0
+
+
+def _failing_rank_worker(rank, world, store_path, results, done):
+    """Rank 1 raises on a bad input mid-step (before its count exchange) and stays alive;
+    rank 0 is left waiting in the all-to-all until the process group's timeout."""
+    import datetime
+    import time
+
+    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    moe = _global_moe(4)
+    moeq.apply_expert_parallel(moe, mesh)
+    x, _ = _global_batch([6])
+    moe(x)  # one good step on both ranks
+    if rank == 1:
+        try:
+            moe(x[:, :16])
+            results.put((rank, "no error", "", 0.0))
+        except ValueError as e:
+            results.put((rank, type(e).__name__, str(e), 0.0))
+        done.wait(120)  # alive but gone from the collectives: only the timeout frees rank 0
+        os._exit(0)
+    t0 = time.monotonic()
+    try:
+        moe(x)
+        results.put((rank, "no error", "", time.monotonic() - t0))
+    except Exception as e:  # noqa: BLE001 - the test asserts which one
+        results.put((rank, type(e).__name__, str(e), time.monotonic() - t0))
+    done.set()
+    os._exit(0)  # the group is broken: skip its teardown
+
+
+def test_failed_rank_turns_into_an_error_within_the_timeout():
+    ctx = mp.get_context("spawn")
+    results, done = ctx.SimpleQueue(), ctx.Event()
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_failing_rank_worker, (2, os.path.join(d, "store"), results, done), nprocs=2)
+    got = {}
+    while not results.empty():
+        rank, kind, msg, waited = results.get()
+        got[rank] = (kind, msg, waited)
+    assert got[1][0] == "ValueError" and "features" in got[1][1], got
+    kind, msg, waited = got[0]
+    assert kind == "RuntimeError", got  # an error, not a hang and not a silent result
+    assert "timed out" in msg.lower() or "timeout" in msg.lower(), msg
+    print(f"rank 0: {kind} after {waited:.2f} s: {msg[:200]}")
+    assert waited < COLLECTIVE_TIMEOUT_S + 10, f"rank 0 waited {waited:.1f} s with a {COLLECTIVE_TIMEOUT_S} s timeout"

@@ -229,13 +229,14 @@ class HostReads(TorchDispatchMode):
 
 
 def _cuda_checks():
-    """Make moeq's offset / finite checks behave as on CUDA (``torch._assert_async``, no host
-    read): on CPU in eager mode they read on the host on purpose, for exact error messages."""
-    import moeq.quant.grouped_mm as gm
+    """Make moeq's value checks (offsets, counts, finiteness) behave as on CUDA
+    (``torch._assert_async``, no host read): on CPU in eager mode they read on the host on
+    purpose, for exact error messages."""
+    import moeq.validation as v
 
-    orig = gm._check
-    gm._check = lambda cond, message: torch._assert_async(cond, message)
-    return lambda: setattr(gm, "_check", orig)
+    orig = v.checks_read_on_host
+    v.checks_read_on_host = lambda t: False
+    return lambda: setattr(v, "checks_read_on_host", orig)
 
 
 def case_host_reads(mesh, which, recipe):

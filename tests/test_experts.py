@@ -131,3 +131,18 @@ def test_functional_form_matches_module():
     torch.testing.assert_close(
         swiglu_experts(x, experts.gate_up_proj, experts.down_proj, counts), experts(x, counts)
     )
+
+
+def test_grouped_mm_custom_op_passes_opcheck():
+    """The op that float32/float16 grouped GEMMs compile through (torch._grouped_mm's meta
+    kernel takes bf16 only): fake tensor, autograd and schema checks."""
+    from moeq.experts import _grouped_mm_op  # noqa: F401 - registers torch.ops.moeq.grouped_mm
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(10, 16, generator=g, requires_grad=True)
+    w = torch.randn(3, 8, 16, generator=g, requires_grad=True)
+    offs = torch.tensor([3, 3, 10], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.moeq.grouped_mm.default, (a, w.transpose(-2, -1), offs))
+    out = torch.ops.moeq.grouped_mm(a, w.transpose(-2, -1), offs)
+    ref = torch.cat([a[:3] @ w[0].t(), a[3:3] @ w[1].t(), a[3:] @ w[2].t()])
+    torch.testing.assert_close(out, ref)

@@ -105,14 +105,16 @@ def test_handles_leading_dims_and_bf16():
     assert moe.router.gate.weight.grad.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("alignment_recipe", ["bf16", "mxfp8"])
-def test_compile_fullgraph_forward_backward(alignment_recipe):
+def test_compile_fullgraph_forward_backward(alignment_recipe, dtype):
     """The default grouped_mm MoE traces as one graph, forward and backward, with and
-    without the padded (aligned) layout. (torch._grouped_mm's meta kernel wants bf16.)"""
+    without the padded (aligned) layout, in bf16 and float32 (torch._grouped_mm's meta
+    kernel takes bf16 only: other dtypes go through moeq's grouped_mm custom op)."""
     torch.manual_seed(0)
-    moe = moeq.MoE(32, 32, 4, 2, router_dtype=torch.float32, shared_expert_hidden_dim=16, dtype=torch.bfloat16)
+    moe = moeq.MoE(32, 32, 4, 2, router_dtype=torch.float32, shared_expert_hidden_dim=16, dtype=dtype)
     moe.experts.group_alignment = moeq.GROUP_ALIGNMENT[moeq.parse_recipe(alignment_recipe)]
-    x = torch.randn(24, 32, dtype=torch.bfloat16)
+    x = torch.randn(24, 32, dtype=dtype)
 
     def loss_fn(m, t):
         return m(t).float().square().mean()
@@ -137,3 +139,28 @@ def test_padded_layout_gives_same_result_as_packed():
     packed = moe(x)
     moe.experts.group_alignment = 8
     torch.testing.assert_close(moe(x), packed, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("recipe,dtype", [("fp8", torch.bfloat16), ("mxfp8", torch.float32), ("bf16", torch.float32)])
+def test_compiled_moe_serves_varying_token_counts_with_one_recompile(recipe, dtype):
+    """A converted MoE compiled once (fullgraph) runs forward+backward for many token
+    counts with at most one recompile (to dynamic shapes). Before: an f-string error
+    message in quantized_grouped_mm specialised the padded row count, so it recompiled
+    every few counts and failed under fullgraph after the recompile limit."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    moe = moeq.MoE(32, 32, 4, 2, dtype=dtype)
+    moeq.convert_model(moe, recipe, kernel="emulated")
+    eager = moeq.MoE(32, 32, 4, 2, dtype=dtype)
+    eager.load_state_dict(moe.state_dict())
+    moeq.convert_model(eager, recipe, kernel="emulated")
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(moe, fullgraph=True, backend=counter)
+    for n in (3, 5, 11, 18, 29, 40, 57, 70, 96, 2):  # more than the recompile limit of 8
+        x = torch.randn(n, 32, dtype=dtype)
+        out = compiled(x)
+        out.float().sum().backward()
+        torch.testing.assert_close(out, eager(x))
+    assert counter.frame_count <= 2, f"{counter.frame_count} compiles for 10 token counts"

@@ -510,8 +510,8 @@ def _ok_inputs(qtype="mxfp8"):
         (lambda a, b, o: (a, b, torch.tensor([40, 32], dtype=torch.int32)), ValueError, "non-decreasing"),
         (lambda a, b, o: (a, b, torch.tensor([-1, 32], dtype=torch.int32)), ValueError, "non-negative"),
         (lambda a, b, o: (a, b, _offs([16, 48])), ValueError, "start at a multiple of 32 rows"),
-        (lambda a, b, o: (a.index_fill(0, torch.tensor([3]), float("nan")), b, o), ValueError, "a contains NaN or Inf"),
-        (lambda a, b, o: (a, b.index_fill(0, torch.tensor([1]), float("inf")), o), ValueError, "b contains NaN or Inf"),
+        (lambda a, b, o: (a.index_fill(0, torch.tensor([3]), float("nan")), b, o), ValueError, "a contains NaN: "),
+        (lambda a, b, o: (a, b.index_fill(0, torch.tensor([1]), float("inf")), o), ValueError, r"b contains Inf: a value beyond the range of torch.bfloat16"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(mutate, exc, pattern):
@@ -534,7 +534,7 @@ def test_more_bad_inputs():
     # NaN in the incoming gradient is caught in backward
     a.requires_grad_()
     out = quantized_grouped_mm(a, b, offs, qtype="mxfp8")
-    with pytest.raises(ValueError, match="grad_out .* contains NaN or Inf"):
+    with pytest.raises(ValueError, match="grad_out .* contains NaN"):
         out.backward(torch.full_like(out, float("nan")))
 
 

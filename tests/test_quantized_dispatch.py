@@ -225,3 +225,17 @@ def test_gpu_triton_matches_reference_without_host_sync(recipe, d):
 
 if __name__ == "__main__" and "--interpret" in sys.argv:
     _run_interpreter_checks()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_unpack_in_float32_is_the_bf16_rows_widened(recipe):
+    """A float32 model's experts get float32 rows: exactly the bf16 dequantized values."""
+    x = rows(9, 64, seed=5).float()
+    p = pack_rows(x, recipe)
+    src = torch.tensor([3, -1, 0, 8, 1, 2, -1, 4, 5, 6, 7], dtype=torch.int32)
+    out32 = unpack_to_padded(p, src, 64, recipe, out_dtype=torch.float32)
+    assert out32.dtype == torch.float32
+    assert torch.equal(out32, unpack_to_padded(p, src, 64, recipe).float())
+    assert torch.equal(out32[src >= 0], FAKE_QUANT[recipe](x, -1, torch.bfloat16).float()[src[src >= 0].long()])
+    with pytest.raises(TypeError, match="out_dtype must be torch.bfloat16 or torch.float32"):
+        unpack_to_padded(p, src, 64, recipe, out_dtype=torch.float16)

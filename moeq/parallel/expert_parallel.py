@@ -25,7 +25,8 @@ With ``quantize_dispatch=True`` and FP8/MXFP8 experts, step 3 sends quantized ro
 row is quantized along D with the experts' recipe and packed with its scales into one
 uint8 row (moeq/parallel/quantized_dispatch.py), one all-to-all moves them, and the
 receiver's gather pass dequantizes them into the padded layout (exact values, which the
-experts' own quantization along D reproduces). Its backward is step 3's, in bf16.
+experts' own quantization along D reproduces), in the activations' dtype. Its backward is
+step 3's, in the gradient's dtype.
 """
 from __future__ import annotations
 
@@ -36,11 +37,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moeq import padding as _padding  # registers the torch.ops.moeq row ops
-from moeq.experts import GroupedExperts
+from moeq.experts import GroupedExperts, run_on_trusted_counts
 from moeq.moe import MoE
 from moeq.parallel.dispatch_plan import DispatchPlan, build_plan
 from moeq.parallel.quantized_dispatch import QUANTIZED_RECIPES, pack_rows, unpack_to_padded
 from moeq.recipes import group_alignment, parse_recipe
+from moeq.validation import check_int, check_module
 
 EP_DIM = "ep"
 
@@ -94,15 +96,17 @@ class _DispatchToPadded(torch.autograd.Function):
 class _QuantizedDispatchToPadded(torch.autograd.Function):
     """Quantize + pack rows, all_to_all_single the packed bytes, dequantize into the padded layout.
 
-    Backward: :class:`_DispatchToPadded`'s, in the gradient's precision (bf16): straight
-    through the quantization, as the recipes' GEMMs treat their own operand quantization."""
+    The received rows come out in x's dtype (bfloat16 or float32), as the unquantized
+    dispatch's do. Backward: :class:`_DispatchToPadded`'s, in the gradient's precision:
+    straight through the quantization, as the recipes' GEMMs treat their own operand
+    quantization."""
 
     @staticmethod
     def forward(ctx, x: Tensor, plan: DispatchPlan, recipe: str) -> Tensor:
         ctx.plan = plan
         packed = pack_rows(x, recipe)
         recv = _all_to_all(packed, plan.recv_splits, plan.send_splits, plan.group)
-        return unpack_to_padded(recv, plan.source_rows, x.shape[1], recipe)
+        return unpack_to_padded(recv, plan.source_rows, x.shape[1], recipe, out_dtype=x.dtype)
 
     @staticmethod
     def backward(ctx, grad_padded: Tensor):
@@ -205,6 +209,12 @@ class ExpertParallelDispatcher:
                 "quantize_dispatch=True needs fused=True: quantized rows are dequantized straight into the "
                 "experts' padded layout by the fused dispatch; the unfused baseline only moves bf16 rows"
             )
+        num_experts = check_int("num_experts", num_experts, minimum=1, fix="pass the global number of experts E")
+        if num_experts % ep_mesh.size():
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by the EP size {ep_mesh.size()}: every EP rank "
+                f"holds E / ep experts"
+            )
         self.ep_mesh = ep_mesh
         self.group = ep_mesh.get_group()
         self.ep_size = ep_mesh.size()
@@ -230,7 +240,7 @@ class ExpertParallelDispatcher:
             quantized = self.uses_quantized_dispatch(experts)
             plan = _plan(counts, self.group, align, recipe_name, quantized)
             x = _dispatch_quantized(send, plan, recipe_name) if quantized else _dispatch(send, plan)
-            y = experts(x, plan.local_counts, group_alignment=align)
+            y = run_on_trusted_counts(experts, x, plan.local_counts, align)
             home = _combine(y, plan)
         else:
             home = self._unfused(send, counts, experts, align, recipe_name)
@@ -248,7 +258,7 @@ class ExpertParallelDispatcher:
         recv = _all_to_all_autograd(send, plan.recv_splits, plan.send_splits, self.group)
         grouped = recv.index_select(0, plan.source_rows.long())  # permute to expert-major
         padded, pad_layout = _padding.pad_token_groups(grouped, plan.local_counts, align)
-        y = experts(padded, plan.local_counts, group_alignment=align)
+        y = run_on_trusted_counts(experts, padded, plan.local_counts, align)
         y = _padding.unpad_token_groups(y, pad_layout)
         y_recv = y.index_select(0, plan.dest_rows.long())  # back to all-to-all order
         return _all_to_all_autograd(y_recv, plan.send_splits, plan.recv_splits, self.group)
@@ -280,6 +290,107 @@ def _ep_mesh(device_mesh):
             f"'ep', e.g. init_device_mesh(device, (dp, ep), mesh_dim_names=('dp', 'ep'))"
         )
     return device_mesh[EP_DIM] if len(names) > 1 else device_mesh
+
+
+def _find_and_check(model: nn.Module, ep: int, fused: bool, quantize_dispatch: bool):
+    """This rank's static checks: ``(moes, hf, hf_sharded)`` or TypeError/ValueError/NotImplementedError."""
+    check_module("model", model)
+    if quantize_dispatch and not fused:
+        raise ValueError(
+            "apply_expert_parallel(quantize_dispatch=True) needs fused=True: the quantized rows are "
+            "dequantized straight into the experts' padded layout by the fused dispatch"
+        )
+    from moeq.integrations import find_adapter  # local: the adapters import torchao
+    from moeq.parallel.hf_experts import check_hf_experts, find_hf_experts
+
+    moes = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, MoE)]
+    inside = {id(m.experts) for _, m in moes}
+    for fqn, m in model.named_modules():
+        adapter = None if id(m) in inside else find_adapter(m)
+        if adapter is not None and adapter.expert_parallel_unsupported:
+            raise NotImplementedError(
+                f"{fqn or '<root>'} is a {adapter.family} ({type(m).__name__}), which moeq.apply_expert_parallel "
+                f"does not shard: {adapter.expert_parallel_unsupported}"
+            )
+    hf = [(fqn, m) for fqn, m in find_hf_experts(model) if id(m) not in inside and not isinstance(m, GroupedExperts)]
+    if not moes and not hf:
+        raise ValueError(
+            f"apply_expert_parallel found no moeq.MoE layer and no transformers experts module in "
+            f"{type(model).__name__}"
+        )
+    for fqn, moe in moes:
+        E = moe.num_experts
+        if E % ep:
+            raise ValueError(
+                f"{fqn or '<root>'} has {E} experts, not divisible by the EP size {ep}: pick an 'ep' mesh size "
+                f"that divides the number of experts"
+            )
+        if getattr(moe, "expert_dispatcher", None) is not None:
+            raise ValueError(f"{fqn or '<root>'}: apply_expert_parallel was already applied")
+    hf_sharded = [check_hf_experts(fqn, m, ep) for fqn, m in hf]
+    return moes, hf, hf_sharded
+
+
+def _describe(moes, hf, hf_sharded, fused: bool, quantize_dispatch: bool) -> dict:
+    """What every EP rank must agree on: per layer E, weight shapes (D, H) and dtypes, recipe."""
+    def weights(module, names):
+        return tuple((n, tuple(getattr(module, n).shape), str(getattr(module, n).dtype)) for n in names)
+
+    layers = [
+        (fqn, moe.num_experts, experts_recipe(moe.experts)[0], weights(moe.experts, ("gate_up_proj", "down_proj")))
+        for fqn, moe in moes
+    ]
+    layers += [
+        (fqn, m.num_experts, experts_recipe(m)[0], weights(m, names)) for (fqn, m), names in zip(hf, hf_sharded)
+    ]
+    return {"fused": fused, "quantize_dispatch": quantize_dispatch, "layers": layers}
+
+
+def _differences(a: dict, b: dict) -> List[str]:
+    out = [f"{k} {a[k]} vs {b[k]}" for k in ("fused", "quantize_dispatch") if a[k] != b[k]]
+    if len(a["layers"]) != len(b["layers"]):
+        out.append(f"{len(a['layers'])} vs {len(b['layers'])} expert layers")
+    for (fa, ea, ra, wa), (fb, eb, rb, wb) in zip(a["layers"], b["layers"]):
+        name = fa or "<root>"
+        if fa != fb:
+            out.append(f"layer {name!r} vs {fb or '<root>'!r}")
+            continue
+        if ea != eb:
+            out.append(f"{name} num_experts {ea} vs {eb}")
+        if ra != rb:
+            out.append(f"{name} recipe {ra or 'unconverted'} vs {rb or 'unconverted'}")
+        for (n, sa, da), (_, sb, db) in zip(wa, wb):
+            if sa != sb or da != db:
+                out.append(f"{name}.{n} {sa} {da} vs {sb} {db}")
+    return out
+
+
+def _check_ranks_agree(ep_mesh, setup: Optional[dict], error: Optional[BaseException]) -> None:
+    """Exchange (setup, error) over the EP group once; raise on every rank if any failed or differs."""
+    group = ep_mesh.get_group()
+    world = dist.get_world_size(group)
+    gathered = [None] * world
+    mine = (setup, None if error is None else (type(error).__name__, str(error)))
+    dist.all_gather_object(gathered, mine, group=group)
+    if error is not None:
+        raise error
+
+    def who(r: int) -> str:
+        return f"EP rank {r} (global rank {dist.get_global_rank(group, r)})"
+
+    for r, (_, err) in enumerate(gathered):
+        if err is not None:
+            kind = {"TypeError": TypeError, "NotImplementedError": NotImplementedError}.get(err[0], ValueError)
+            raise kind(f"apply_expert_parallel failed on {who(r)}: {err[1]}")
+    ref = gathered[0][0]
+    for r, (other, _) in enumerate(gathered[1:], start=1):
+        diff = _differences(ref, other)
+        if diff:
+            raise ValueError(
+                f"expert-parallel ranks disagree: {who(r)} differs from {who(0)}: {'; '.join(diff)} "
+                f"({who(0)}'s value first). Build the same model, convert it with the same recipe and call "
+                f"apply_expert_parallel with the same arguments on every rank"
+            )
 
 
 def _shard_parameter(module: nn.Module, name: str, ep_mesh) -> None:
@@ -330,44 +441,30 @@ def apply_expert_parallel(
         converted by ``moeq.convert_model`` (or running transformers' own EP).
         NotImplementedError: torchtitan experts (use torchtitan's expert parallelism), or a
         transformers experts module with parameters EP does not know how to shard.
-        At run time, ranks whose experts run different recipes raise RuntimeError on the
-        first forward (checked with the count exchange, at no extra cost).
-    """
-    if quantize_dispatch and not fused:
-        raise ValueError(
-            "apply_expert_parallel(quantize_dispatch=True) needs fused=True: the quantized rows are "
-            "dequantized straight into the experts' padded layout by the fused dispatch"
-        )
-    ep_mesh = _ep_mesh(device_mesh)
-    ep = ep_mesh.size()
-    from moeq.integrations import find_adapter  # local: the adapters import torchao
-    from moeq.parallel.hf_experts import check_hf_experts, find_hf_experts
+        Every rank raises together: the ranks exchange their layers' E, weight shapes
+        (D, H) and dtypes, recipes and ``fused``/``quantize_dispatch`` once at setup (one
+        small ``all_gather_object`` over the EP group, not per step); a rank whose check
+        failed, or that differs, is named in a ValueError (the failing rank's own error on
+        itself). At run time, ranks whose experts run different recipes (converted after
+        this call) raise RuntimeError on the first forward (checked with the count
+        exchange, at no extra cost).
 
-    moes = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, MoE)]
-    inside = {id(m.experts) for _, m in moes}
-    for fqn, m in model.named_modules():
-        adapter = None if id(m) in inside else find_adapter(m)
-        if adapter is not None and adapter.expert_parallel_unsupported:
-            raise NotImplementedError(
-                f"{fqn or '<root>'} is a {adapter.family} ({type(m).__name__}), which moeq.apply_expert_parallel "
-                f"does not shard: {adapter.expert_parallel_unsupported}"
-            )
-    hf = [(fqn, m) for fqn, m in find_hf_experts(model) if id(m) not in inside and not isinstance(m, GroupedExperts)]
-    if not moes and not hf:
-        raise ValueError(
-            f"apply_expert_parallel found no moeq.MoE layer and no transformers experts module in "
-            f"{type(model).__name__}"
-        )
-    for fqn, moe in moes:
-        E = moe.num_experts
-        if E % ep:
-            raise ValueError(
-                f"{fqn or '<root>'} has {E} experts, not divisible by the EP size {ep}: pick an 'ep' mesh size "
-                f"that divides the number of experts"
-            )
-        if getattr(moe, "expert_dispatcher", None) is not None:
-            raise ValueError(f"{fqn or '<root>'}: apply_expert_parallel was already applied")
-    hf_sharded = [check_hf_experts(fqn, m, ep) for fqn, m in hf]
+    Collective waits are bounded by the process group's timeout: pass a finite one,
+    ``dist.init_process_group(backend, timeout=datetime.timedelta(seconds=60))``, so that
+    when one rank fails mid-step the others raise after at most that long instead of
+    waiting in the all-to-all (torch's default is 30 minutes on gloo; see
+    docs/expert_parallel.md, "When a rank fails").
+    """
+    ep_mesh = _ep_mesh(device_mesh)
+    try:
+        moes, hf, hf_sharded = _find_and_check(model, ep_mesh.size(), fused, quantize_dispatch)
+        setup, error = _describe(moes, hf, hf_sharded, fused, quantize_dispatch), None
+    except (TypeError, ValueError, NotImplementedError) as e:
+        setup, error = None, e
+    # One small collective at setup: every rank learns every rank's layers, so all raise
+    # together (never one rank in a collective the others skipped) and a rank that built
+    # another model is named, instead of a hang or a crash in the first all-to-all.
+    _check_ranks_agree(ep_mesh, setup, error)
     for fqn, moe in moes:
         experts = moe.experts
         if type(experts) is GroupedExperts:

@@ -61,7 +61,9 @@ def pack_rows(x: Tensor, recipe) -> Tensor:
     return torch.ops.moeq.pack_rows_quantized(x.contiguous(), q.value)
 
 
-def unpack_to_padded(packed: Tensor, source_rows: Tensor, dim: int, recipe) -> Tensor:
+def unpack_to_padded(
+    packed: Tensor, source_rows: Tensor, dim: int, recipe, out_dtype: torch.dtype = torch.bfloat16
+) -> Tensor:
     """Dequantize packed rows straight into the experts' padded, expert-major layout.
 
     Args:
@@ -69,9 +71,17 @@ def unpack_to_padded(packed: Tensor, source_rows: Tensor, dim: int, recipe) -> T
         source_rows: (P,) int32, the packed row of each padded row, -1 on padding rows
             (``DispatchPlan.source_rows``).
         dim: D. recipe: "fp8" or "mxfp8".
+        out_dtype: bfloat16 (default) or float32: the model's activation dtype, so a
+            float32 model's experts see float32 rows.
     Returns:
-        (P, D) bfloat16; padding rows zero. Values are exact (e4m3 times a power of two).
+        (P, D) in ``out_dtype``; padding rows zero. Values are e4m3 times a power of two,
+        dequantized to bfloat16 as the experts' own quantization does (exact, bar the
+        bf16-subnormal tail of MXFP8 blocks below ~2**-118), then widened exactly.
     """
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(
+            f"out_dtype must be torch.bfloat16 or torch.float32 (the activations' dtype), got {out_dtype}"
+        )
     q = quantized_recipe(recipe)
     _k.check_dim(dim, q)
     if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != packed_row_bytes(dim, q):
@@ -81,4 +91,5 @@ def unpack_to_padded(packed: Tensor, source_rows: Tensor, dim: int, recipe) -> T
         )
     if source_rows.dtype != torch.int32 or source_rows.dim() != 1:
         raise ValueError(f"source_rows must be 1D int32, got {tuple(source_rows.shape)} {source_rows.dtype}")
-    return torch.ops.moeq.unpack_rows_to_padded(packed, source_rows, dim, q.value)
+    out = torch.ops.moeq.unpack_rows_to_padded(packed, source_rows, dim, q.value)
+    return out if out_dtype == torch.bfloat16 else out.to(out_dtype)

@@ -17,6 +17,8 @@ from moeq.quant.dispatch import KERNEL_AUTO, get_kernel, select_kernel
 from moeq.quant.fp8_rowwise import FP8_DTYPE
 from moeq.quant.mxfp8 import MX_BLOCK_SIZE
 from moeq.recipes import GROUP_ALIGNMENT, QuantizationType, RecipeLike, parse_recipe
+from moeq.validation import NonFiniteError
+from moeq.validation import device_check as _check
 
 _INPUT_DTYPES = (torch.bfloat16, torch.float32)
 # A plain-dict copy: dynamo cannot trace lookups in a mappingproxy with enum keys.
@@ -99,16 +101,6 @@ def _validate_static(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, qtype
                 )
 
 
-def _check(cond: torch.Tensor, message: str) -> None:
-    """Raise ValueError(message) if ``cond`` is False: a host read on CPU in eager mode,
-    ``torch._assert_async`` (no sync) on CUDA and under torch.compile."""
-    if cond.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(cond):
-            raise ValueError(message)
-    else:
-        torch._assert_async(cond, message)
-
-
 def _validate_offsets(offs: torch.Tensor, num_rows: int, qtype: QuantizationType) -> None:
     """Value checks on offs: non-decreasing, within [0, M], aligned group starts."""
     _check(offs[0] >= 0, "offs must be non-negative cumulative end offsets")
@@ -116,10 +108,10 @@ def _validate_offsets(offs: torch.Tensor, num_rows: int, qtype: QuantizationType
         (offs[1:] >= offs[:-1]).all(),
         "offs must be non-decreasing (cumulative end offsets of the expert groups)",
     )
-    _check(
-        offs[-1] <= num_rows,
-        f"offs[-1] (the total routed rows) exceeds a.shape[0] = {num_rows}",
-    )
+    # Under torch.compile the size stays out of the message: formatting a symbolic size
+    # would specialise the graph on it (a recompile per new token count).
+    rows = "" if torch.compiler.is_compiling() else f" = {num_rows}"
+    _check(offs[-1] <= num_rows, f"offs[-1] (the total routed rows) exceeds a.shape[0]{rows}")
     align = _GROUP_ALIGNMENT[qtype]
     if align is not None and offs.shape[0] > 1:
         _check(
@@ -130,7 +122,21 @@ def _validate_offsets(offs: torch.Tensor, num_rows: int, qtype: QuantizationType
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
-    _check(torch.isfinite(t).all(), f"{name} contains NaN or Inf")
+    _check(torch.isfinite(t).all(), f"{name} contains NaN or Inf (or a value that overflowed its dtype)",
+           NonFiniteError, detail=lambda: _non_finite_message(t, name))
+
+
+def _non_finite_message(t: torch.Tensor, name: str) -> str:
+    """Which problem it is (read on the host, eager CPU only)."""
+    if bool(torch.isnan(t).any()):
+        return f"{name} contains NaN: a NaN reached the quantized GEMM; find the op that made it"
+    return (
+        f"{name} contains Inf: a value beyond the range of {t.dtype} (|x| > {torch.finfo(t.dtype).max:.3g}) "
+        f"reached the quantized GEMM. With finite inputs an earlier op overflowed: the experts' SwiGLU "
+        f"multiplies two projections of a token, so tokens of magnitude ~1e19 and up overflow "
+        f"float32/bfloat16; scale the inputs down (normalise them) or lower the learning rate if training "
+        f"diverged"
+    )
 
 
 def _finite_checks_on(check_finite: Optional[bool], device: torch.device) -> bool:
