@@ -161,11 +161,11 @@ def test_torchao_kernel_through_convert_model():
 
 def test_torchao_kernel_checks_like_the_others():
     a, b, _, offs = _case(torch.bfloat16)
-    with pytest.raises(ValueError, match="a contains NaN or Inf"):  # slack rows are NaN here
+    with pytest.raises(ValueError, match="a contains NaN"):  # slack rows are NaN here
         quantized_grouped_mm(a, b, offs, qtype="mxfp8", kernel="torchao")
     a = a.nan_to_num(0.0).requires_grad_()
     out = quantized_grouped_mm(a, b, offs, qtype="mxfp8", kernel="torchao")
-    with pytest.raises(ValueError, match="grad_out .* contains NaN or Inf"):
+    with pytest.raises(ValueError, match="grad_out .* contains NaN"):
         out.backward(torch.full_like(out, float("nan")))
     with pytest.raises(ValueError, match="start at a multiple of 32 rows"):
         quantized_grouped_mm(a, b, _offs([16, 48, 0, 0, 0]), qtype="mxfp8", kernel="torchao")

@@ -17,19 +17,28 @@ from moeq.experts import GroupedExperts
 from moeq.integrations.base import ExpertsAdapter, local_parameters
 from moeq.padding_policy import local_tensor as _local
 from moeq.recipes import QuantizationType
+from moeq.validation import check_counts, check_counts_values
 from moeq.weight_cache import module_weight_cache
 
 
 class QuantizedGroupedExperts(ConvertedExperts, GroupedExperts):
     """moeq.GroupedExperts whose GEMMs follow ``moeq_recipe``; pads only when needed."""
 
-    def forward(self, x, num_tokens_per_expert, *, group_alignment=None):
-        """Same contract as :meth:`GroupedExperts.forward`; see moeq.padding_policy for padding."""
+    def _experts(self, x, num_tokens_per_expert, group_alignment, *, validate_counts: bool):
+        # GroupedExperts.forward's body (its contract; see moeq.padding_policy for padding):
+        # the same checks, count values skipped only for counts moeq made itself
+        # (moeq.experts.run_on_trusted_counts)
         qtype = self.moeq_recipe
         if qtype is QuantizationType.BF16:
-            return super().forward(x, num_tokens_per_expert, group_alignment=group_alignment)
+            return super()._experts(x, num_tokens_per_expert, group_alignment, validate_counts=validate_counts)
+        w13, w2 = _local(self.gate_up_proj), _local(self.down_proj)
+        # (the quantized GEMMs allow float32 master weights with bf16 tokens, so no dtype
+        # equality check here; the recipe's kernels check their own operands)
+        check_counts("num_tokens_per_expert", num_tokens_per_expert, w13.shape[0], x)
+        if validate_counts:
+            check_counts_values("num_tokens_per_expert", num_tokens_per_expert, x.shape[0], group_alignment)
         return grouped_swiglu_experts(
-            x, _local(self.gate_up_proj), _local(self.down_proj), num_tokens_per_expert, qtype, self.moeq_kernel,
+            x, w13, w2, num_tokens_per_expert, qtype, self.moeq_kernel,
             incoming_alignment=group_alignment, weight_cache=module_weight_cache(self),
         )
 
