@@ -347,11 +347,6 @@ def _descriptor(t: torch.Tensor, block):
     return TensorDescriptor.from_tensor(t, block_shape=list(block))
 
 
-def _check_mx(k: int, scale_mode: int, bk: int) -> None:
-    if scale_mode == SCALE_MX32 and (bk != MX_BLOCK):
-        raise ValueError(f"MX32 scaling steps the contraction 32 at a time: config.bk must be 32, got {bk}")
-
-
 def _grouped_mm_impl(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -363,18 +358,7 @@ def _grouped_mm_impl(
     out_dtype: torch.dtype = torch.bfloat16,
     config: Optional[GemmConfig] = None,
 ) -> torch.Tensor:
-    """M-grouped FP8 GEMM ``out[g] = a[g] @ b[e].T``, scaled; slack rows zero.
-
-    Args:
-        a: (M, K) float8_e4m3fn, row-major, rows grouped in expert order.
-        b: (E, N, K) float8_e4m3fn, K contiguous.
-        a_scale, b_scale: rowwise: (M,) and (E, N) float32 dequantization factors;
-            MX32: (M, K/32) and (E, N, K/32) float32 powers of two.
-        offs: (E,) int32 cumulative group ends on a's device, ``offs[-1] <= M``.
-        out_dtype: bfloat16 or float32.
-    Returns:
-        (M, N) out_dtype; rows at or past ``offs[-1]`` are zero.
-    """
+    """The launch behind :func:`grouped_mm` (same arguments)."""
     m, k = a.shape
     e, n, kb = b.shape
     if kb != k:
@@ -415,19 +399,7 @@ def _grouped_mm_wgrad_impl(
     out_dtype: torch.dtype = torch.bfloat16,
     config: Optional[GemmConfig] = None,
 ) -> torch.Tensor:
-    """K-grouped FP8 GEMM (weight gradient) ``out[e] = a[:, g] @ b[:, g].T``, scaled.
-
-    Args:
-        a: (N, L) float8_e4m3fn, token-contiguous, L >= offs[-1] a multiple of 16.
-        b: (KO, L) float8_e4m3fn, token-contiguous.
-        a_scale, b_scale: rowwise: (E, N) and (E, KO) float32 per (expert, row);
-            MX32: (N, L/32) and (KO, L/32) float32 powers of two per 32 tokens.
-        offs: (E,) int32 cumulative group ends; groups start at multiples of 16
-            (of 32 for MX32).
-        out_dtype: bfloat16 or float32 (the weight's dtype: no separate cast pass).
-    Returns:
-        (E, N, KO) out_dtype; experts with no tokens get zeros.
-    """
+    """The launch behind :func:`grouped_mm_wgrad` (same arguments)."""
     n, length = a.shape
     ko, lb = b.shape
     if lb != length:

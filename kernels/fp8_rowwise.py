@@ -574,8 +574,9 @@ def _dual_quantize_op(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor],
     return _dual_quantize_impl(mode, src, aux, offs, num_groups, want_row, want_col)
 
 
-@_dual_quantize_op.register_fake
-def _(mode, src, aux, offs, num_groups, want_row, want_col):
+def dual_outputs_like(mode, src, offs, num_groups, want_row, want_col):
+    """Empty tensors shaped like a dual quantization's (row, row_inv, col, col_inv, offs_ok)
+    (the fake implementations of the custom ops)."""
     m, width = src.shape
     kc = width if mode == MODE_PLAIN else width // 2
     ko = 2 * kc if mode == MODE_SWIGLU_BWD else kc
@@ -589,6 +590,11 @@ def _(mode, src, aux, offs, num_groups, want_row, want_col):
         col = src.new_empty((ko, (m + ALIGN - 1) // ALIGN * ALIGN) if want_col else (0,), dtype=FP8_DTYPE)
     col_inv = src.new_empty((e, ko) if want_col else (0,), dtype=f32)
     return row, row_inv, col, col_inv, src.new_empty((1,), dtype=torch.int32)
+
+
+@_dual_quantize_op.register_fake
+def _(mode, src, aux, offs, num_groups, want_row, want_col):
+    return dual_outputs_like(mode, src, offs, num_groups, want_row, want_col)
 
 
 def _dual_quantize(mode, src, aux, offs, num_groups, want_row, want_col):

@@ -47,6 +47,7 @@ from moeq.kernels.fp8_rowwise import (
     _dual_quantize_impl,
     _next_pow2,
     _tile_key,
+    dual_outputs_like,
     quantize_colwise_grouped_reference,
     quantize_rowwise_reference,
     swiglu_backward_reference,
@@ -361,20 +362,8 @@ def _strip_op(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor], offs: O
 
 @_strip_op.register_fake
 def _(mode, src, aux, offs, num_groups, want_row, want_col, row_weights, weight_row_copy, weight_col_copy, want_dw):
-    m, width = src.shape
-    kc = width if mode == MODE_PLAIN else width // 2
-    ko = 2 * kc if mode == MODE_SWIGLU_BWD else kc
-    e = num_groups
-    f32 = torch.float32
-    row = src.new_empty((m, ko) if want_row else (0,), dtype=FP8_DTYPE)
-    row_inv = src.new_empty((m,) if want_row else (0,), dtype=f32)
-    if offs is None:
-        col = src.new_empty((e, ko, m // e) if want_col else (0,), dtype=FP8_DTYPE)
-    else:
-        col = src.new_empty((ko, (m + ALIGN - 1) // ALIGN * ALIGN) if want_col else (0,), dtype=FP8_DTYPE)
-    col_inv = src.new_empty((e, ko) if want_col else (0,), dtype=f32)
-    dw = src.new_empty((m,) if want_dw else (0,), dtype=f32)
-    return row, row_inv, col, col_inv, src.new_empty((1,), dtype=torch.int32), dw
+    dw = src.new_empty((src.shape[0],) if want_dw else (0,), dtype=torch.float32)
+    return (*dual_outputs_like(mode, src, offs, num_groups, want_row, want_col), dw)
 
 
 def _strips(mode, src, aux, offs, num_groups, want_row, want_col, row_weights=None, weight_row_copy=False,

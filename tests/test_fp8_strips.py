@@ -10,23 +10,17 @@ references.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.interpreted import run_interpreted
+
 FP8 = torch.float8_e4m3fn
 
 
-def _run_interpreted(check: str, timeout: int = 600) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", TORCHAO_FORCE_SKIP_LOADING_SO_FILES="1")
-    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import tests.test_fp8_strips as t; t.{check}()"
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"{check} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+def _run_interpreted(check: str) -> None:
+    run_interpreted("test_fp8_strips", check)
 
 
 def _bits(t):
