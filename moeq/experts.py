@@ -344,6 +344,7 @@ class GroupedExperts(nn.Module):
         num_tokens_per_expert: torch.Tensor,
         *,
         group_alignment: Optional[int] = None,
+        validate_counts: bool = True,
     ) -> torch.Tensor:
         """Apply each expert to its token group.
 
@@ -353,10 +354,12 @@ class GroupedExperts(nn.Module):
                 (checked: at once on CPU, device-side on CUDA; see :func:`swiglu_experts`).
             group_alignment: set by a caller (moeq.MoE, EP dispatch) whose tokens are
                 already in the padded layout with groups starting at multiples of it.
+            validate_counts: False only for counts moeq made itself (routing, an EP
+                dispatch plan): skips their value checks (see :func:`run_on_trusted_counts`).
         Returns:
             (M, D) in x.dtype.
         """
-        return self._experts(x, num_tokens_per_expert, group_alignment, validate_counts=True)
+        return self._experts(x, num_tokens_per_expert, group_alignment, validate_counts=validate_counts)
 
     def _experts(self, x, num_tokens_per_expert, group_alignment, *, validate_counts: bool) -> torch.Tensor:
         # Under expert parallelism the weights are DTensors: compute on the local experts.
@@ -399,8 +402,10 @@ def run_on_trusted_counts(
 ) -> torch.Tensor:
     """``experts(x, num_tokens_per_expert, group_alignment=...)`` for counts moeq made itself
     (``permute_and_pad``'s, an EP dispatch plan's): right by construction, so a
-    :class:`GroupedExperts` whose forward is the stock one skips their value checks (on
-    CUDA they would cost a few kernel launches per call). Any other forward runs as is."""
+    :class:`GroupedExperts` with the stock forward (converted ones included) skips their
+    value checks (on CUDA they
+    would cost a few kernel launches per call). The call goes through the module's
+    ``__call__``, so wrappers' hooks (FSDP2's parameter all-gather) still run."""
     if isinstance(experts, GroupedExperts) and type(experts).forward is GroupedExperts.forward:
-        return experts._experts(x, num_tokens_per_expert, group_alignment, validate_counts=False)
+        return experts(x, num_tokens_per_expert, group_alignment=group_alignment, validate_counts=False)
     return experts(x, num_tokens_per_expert, group_alignment=group_alignment)

@@ -32,10 +32,10 @@ class QuantizedGroupedExperts(ConvertedExperts, GroupedExperts):
         if qtype is QuantizationType.BF16:
             return super()._experts(x, num_tokens_per_expert, group_alignment, validate_counts=validate_counts)
         w13, w2 = _local(self.gate_up_proj), _local(self.down_proj)
-        # (the quantized GEMMs allow float32 master weights with bf16 tokens, so no dtype
-        # equality check here; the recipe's kernels check their own operands)
-        check_counts("num_tokens_per_expert", num_tokens_per_expert, w13.shape[0], x)
         if validate_counts:
+            # (the quantized GEMMs allow float32 master weights with bf16 tokens, so no dtype
+            # equality check here; the recipe's kernels check their own operands)
+            check_counts("num_tokens_per_expert", num_tokens_per_expert, w13.shape[0], x)
             check_counts_values("num_tokens_per_expert", num_tokens_per_expert, x.shape[0], group_alignment)
         return grouped_swiglu_experts(
             x, w13, w2, num_tokens_per_expert, qtype, self.moeq_kernel,
