@@ -182,7 +182,6 @@ def _weight_copies(w: torch.Tensor, need_dgrad: bool) -> _k.Fp8Dual:
 class _Fp8SwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, row_weights, gate_up_proj, down_proj, offs, need_x, need_w, need_gu, need_down, qweights=None):
-        need_h = need_x or need_gu or need_w  # grad of h feeds all three
         x = x.contiguous()
         if qweights is None:
             wgu_row, wgu_row_inv = _s.quantize_weight_rows(gate_up_proj)
@@ -214,7 +213,7 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
     def backward(ctx, grad_y):
         offs, gate_up, x_col, x_col_inv, h_col, h_col_inv, w, gate_up_proj, down_proj = ctx.saved_tensors
         need_x, need_w, need_gu, need_down = ctx.flags
-        need_h = need_x or need_gu or need_w
+        need_h = need_x or need_gu or need_w  # the gradient of h feeds all three
         w = w if ctx.has_row_weights else None
         qw = ctx.qweights
         grad_y = grad_y.to(torch.bfloat16).contiguous()
