@@ -498,6 +498,25 @@ def _tiles(key: str, kc: int, group_rows: int, tiles=None):
     return (bma, bka, wa, nkb), (bmb, bkb, wb, tf32)
 
 
+def alloc_dual_outputs(m: int, ko: int, e: int, weight: bool, want_row: bool, want_col: bool, dev):
+    """The (uninitialized) outputs of a dual quantization and the column copy's layout.
+
+    Returns (row, row_inv, col, col_inv, (group_rows, stride_cg, stride_ck)): a weight's
+    column copy is (E, KO, N) with groups of N rows; an activation's (KO, round_up(M, 16)).
+    A copy not wanted is an empty (0,) tensor."""
+    f32 = torch.float32
+    row = torch.empty((m, ko) if want_row else (0,), dtype=FP8_DTYPE, device=dev)
+    row_inv = torch.empty((m,) if want_row else (0,), dtype=f32, device=dev)
+    col_inv = torch.empty((e, ko) if want_col else (0,), dtype=f32, device=dev)
+    if weight:
+        n = m // e
+        col = torch.empty((e, ko, n) if want_col else (0,), dtype=FP8_DTYPE, device=dev)
+        return row, row_inv, col, col_inv, (n, ko * n, n)
+    ldm = -(-m // ALIGN) * ALIGN
+    col = torch.empty((ko, ldm) if want_col else (0,), dtype=FP8_DTYPE, device=dev)
+    return row, row_inv, col, col_inv, (0, 0, ldm)
+
+
 def _dual_quantize_impl(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor], offs: Optional[torch.Tensor],
                         num_groups: int, want_row: bool, want_col: bool, *, tiles=None, run_b: bool = True):
     """Pass A + pass B. Returns (row, row_inv, col_storage, col_inv, offs_ok).
@@ -516,22 +535,13 @@ def _dual_quantize_impl(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor
     e = num_groups
     weight = offs is None
     f32 = torch.float32
-    row = torch.empty((m, ko) if want_row else (0,), dtype=FP8_DTYPE, device=dev)
-    row_inv = torch.empty((m,) if want_row else (0,), dtype=f32, device=dev)
+    row, row_inv, col, col_inv, (group_rows, stride_cg, stride_ck) = alloc_dual_outputs(m, ko, e, weight, want_row,
+                                                                                       want_col, dev)
     # one zero-filled buffer (one memset) for both atomic-max targets
     amax = torch.zeros((m + (e * ko if want_col else 0),), dtype=f32, device=dev)
     row_amax = amax[:m]
     col_amax = amax[m:].view(e, ko) if want_col else amax[m:]
     ok = torch.ones((1,), dtype=torch.int32, device=dev) if m == 0 or weight else torch.empty((1,), dtype=torch.int32, device=dev)
-    col_inv = torch.empty((e, ko) if want_col else (0,), dtype=f32, device=dev)
-    if weight:
-        n = m // e
-        col = torch.empty((e, ko, n) if want_col else (0,), dtype=FP8_DTYPE, device=dev)
-        group_rows, stride_cg, stride_ck = n, ko * n, n
-    else:
-        ldm = -(-m // ALIGN) * ALIGN
-        col = torch.empty((ko, ldm) if want_col else (0,), dtype=FP8_DTYPE, device=dev)
-        group_rows, stride_cg, stride_ck = 0, 0, ldm
     if m == 0 or kc == 0:
         if want_col:
             col.zero_()

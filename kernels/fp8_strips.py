@@ -30,13 +30,12 @@ tests/test_fp8_strips.py checks them bitwise (dw to fp32 summation order).
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from moeq.kernels.fp8_rowwise import (
     ALIGN,
-    FP8_DTYPE,
     HAS_TRITON,
     MODE_PLAIN,
     MODE_SWIGLU,
@@ -47,6 +46,7 @@ from moeq.kernels.fp8_rowwise import (
     _dual_quantize_impl,
     _next_pow2,
     _tile_key,
+    alloc_dual_outputs,
     dual_outputs_like,
     quantize_colwise_grouped_reference,
     quantize_rowwise_reference,
@@ -312,18 +312,9 @@ def _dual_quantize_strips_impl(mode: int, src: torch.Tensor, aux: Optional[torch
         return (*_dual_quantize_impl(mode, src, aux, offs, num_groups, want_row, want_col), dw)
     if want_dw and not (mode == MODE_SWIGLU_BWD and want_row):
         raise ValueError("want_dw needs MODE_SWIGLU_BWD and the row copy")
-    row = torch.empty((m, ko) if want_row else (0,), dtype=FP8_DTYPE, device=dev)
-    row_inv = torch.empty((m,) if want_row else (0,), dtype=f32, device=dev)
-    col_inv = torch.empty((e, ko) if want_col else (0,), dtype=f32, device=dev)
+    row, row_inv, col, col_inv, (group_rows, stride_cg, stride_ck) = alloc_dual_outputs(m, ko, e, weight, want_row,
+                                                                                       want_col, dev)
     ok = torch.ones((1,), dtype=torch.int32, device=dev) if weight else torch.empty((1,), dtype=torch.int32, device=dev)
-    if weight:
-        n = m // e
-        col = torch.empty((e, ko, n) if want_col else (0,), dtype=FP8_DTYPE, device=dev)
-        group_rows, stride_cg, stride_ck = n, ko * n, n
-    else:
-        ldm = -(-m // ALIGN) * ALIGN
-        col = torch.empty((ko, ldm) if want_col else (0,), dtype=FP8_DTYPE, device=dev)
-        group_rows, stride_cg, stride_ck = 0, 0, ldm
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     (budget, wr), col_tiles = tiles or (_INTERPRETER_STRIPS if interp else STRIP_CONFIGS[_tile_key(mode, weight)])
     bcr, bc, wc = col_tiles[:3]
