@@ -16,12 +16,29 @@ from moeq.converted import ConvertedExperts
 from moeq.integrations import family_names, find_adapter, unsupported_experts
 from moeq.integrations.base import ExpertsAdapter, original_class
 from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, get_kernel, kernel_names
+from moeq.quant.grouped_mm import INPUT_DTYPES
 from moeq.recipes import QuantizationType, RecipeLike, group_alignment, parse_recipe
 from moeq.validation import check_convert_args
 
 FilterLike = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 
-__all__ = ["ConvertedExperts", "FilterLike", "check_dims", "check_kernel", "convert_experts_module", "convert_model"]
+__all__ = [
+    "ConvertedExperts",
+    "FilterLike",
+    "check_convertible",
+    "check_dims",
+    "check_dtypes",
+    "check_kernel",
+    "convert_experts_module",
+    "convert_found",
+    "convert_model",
+    "find_experts",
+    "parent_module",
+    "unconvert_experts_module",
+]
+
+# Attributes a conversion sets on a module (ConvertedExperts' per-instance attributes).
+_CONVERSION_ATTRS = ("moeq_recipe", "moeq_kernel", "group_alignment", "moeq_incoming_alignment")
 
 
 def check_kernel(kernel: str) -> str:
@@ -52,6 +69,32 @@ def check_dims(fqn: str, adapter: ExpertsAdapter, module: nn.Module, qtype: Quan
             )
 
 
+def check_dtypes(fqn: str, adapter: ExpertsAdapter, module: nn.Module, qtype: QuantizationType) -> None:
+    """Raise TypeError (naming the module, the tensor, its dtype and the supported ones) if
+    an expert weight of ``module`` (``adapter.local_weights``) has a dtype moeq's grouped
+    GEMMs do not take (float16, float64, ...): refused here rather than at the first
+    forward."""
+    for name, weight in adapter.local_weights(module).items():
+        if weight.dtype not in INPUT_DTYPES:
+            supported = " or ".join(str(d).removeprefix("torch.") for d in INPUT_DTYPES)
+            raise TypeError(
+                f"cannot convert {fqn or '<root>'} to {qtype.value}: its expert weight {name} is "
+                f"{str(weight.dtype).removeprefix('torch.')}, and moeq's grouped GEMMs take {supported} weights. "
+                f"Cast the model first (model.to(torch.bfloat16)), or leave this module out with filter_fqns."
+            )
+
+
+def check_convertible(fqn: str, adapter: ExpertsAdapter, module: nn.Module, qtype: QuantizationType) -> None:
+    """Every check a conversion makes before changing anything: the family's own
+    (``adapter.unconvertible``, TypeError), the dims (:func:`check_dims`, ValueError) and
+    the weight dtypes (:func:`check_dtypes`, TypeError). Each error names the module."""
+    reason = adapter.unconvertible(module)
+    if reason:
+        raise TypeError(f"cannot convert {fqn or '<root>'} ({type(module).__name__}): {reason}")
+    check_dims(fqn, adapter, module, qtype)
+    check_dtypes(fqn, adapter, module, qtype)
+
+
 def _matches(fqn: str, module: nn.Module, filter_fqns: FilterLike) -> bool:
     if filter_fqns is None:
         return True
@@ -60,7 +103,8 @@ def _matches(fqn: str, module: nn.Module, filter_fqns: FilterLike) -> bool:
     return any(f in fqn for f in filter_fqns)
 
 
-def _parent(model: nn.Module, fqn: str) -> Optional[nn.Module]:
+def parent_module(model: nn.Module, fqn: str) -> Optional[nn.Module]:
+    """The module holding ``model``'s submodule ``fqn`` (None for the root itself)."""
     if not fqn:
         return None
     parent_fqn = fqn.rpartition(".")[0]
@@ -88,14 +132,63 @@ def convert_experts_module(
         ``module``, now an instance of ``adapter.converted_class(original class)``.
     Raises:
         ValueError: a contraction dim not divisible by the recipe's alignment.
+        TypeError: an expert weight dtype moeq does not take, or a module its family
+            cannot convert (``adapter.unconvertible``).
     """
-    check_dims(fqn, adapter, module, qtype)
+    check_convertible(fqn, adapter, module, qtype)
     module.__class__ = adapter.converted_class(original_class(module))
     module.moeq_recipe = qtype
     module.moeq_kernel = kernel
     module.group_alignment = group_alignment(qtype)
     module.moeq_incoming_alignment = incoming_alignment
     return module
+
+
+def unconvert_experts_module(module: nn.Module, fqn: str = "") -> nn.Module:
+    """Undo :func:`convert_experts_module` in place: ``module`` gets its original class
+    back and loses the conversion's attributes, so it computes exactly as before
+    conversion (its parameters were never touched). A module that is not converted is
+    returned as it is.
+
+    Raises:
+        RuntimeError: the module is sharded by ``moeq.apply_expert_parallel`` (its
+            original forward cannot run on the shards).
+    """
+    if not isinstance(module, ConvertedExperts):
+        return module
+    if getattr(module, "moeq_expert_dispatcher", None) is not None:
+        raise RuntimeError(
+            f"cannot switch {fqn or '<root>'} back to its own implementation: moeq.apply_expert_parallel "
+            f"sharded its experts, and only moeq's converted forward runs on the shards. Switch before "
+            f"applying expert parallelism, or rebuild the model."
+        )
+    module.__class__ = original_class(module)
+    for name in _CONVERSION_ATTRS:
+        module.__dict__.pop(name, None)
+    return module
+
+
+def find_experts(model: nn.Module, filter_fqns: FilterLike = None):
+    """The routed-experts modules of ``model`` that ``filter_fqns`` selects (see
+    :func:`convert_model`), as ``[(fqn, module, adapter)]`` in ``named_modules`` order.
+
+    Raises:
+        TypeError: a selected module of a known framework's experts class but of no
+            adapter's layout (named, with why).
+    """
+    found = []
+    for fqn, module in model.named_modules():
+        adapter = find_adapter(module)
+        unsupported = unsupported_experts(module) if adapter is None else None
+        # the filter is asked about experts modules only (a callable never sees the rest)
+        if (adapter is None and not unsupported) or not _matches(fqn, module, filter_fqns):
+            continue
+        if unsupported:
+            raise TypeError(
+                f"convert_model cannot convert {fqn or '<root>'}: it is {unsupported}. Leave it out with filter_fqns."
+            )
+        found.append((fqn, module, adapter))
+    return found
 
 
 def convert_model(
@@ -129,34 +222,29 @@ def convert_model(
     Raises:
         ValueError: unknown recipe or kernel, nothing matched, or a dim not divisible by
             the recipe's alignment (names the module, the dim and the multiple).
-        TypeError: a torchtitan experts module of a layout moeq does not know (named).
+        TypeError: an experts module of a layout moeq does not know or cannot convert
+            (torchtitan's fused ``w13``, Doge's vector experts), or an expert weight
+            dtype moeq's GEMMs do not take (float16): each names the module and why.
     """
     filter_fqns = check_convert_args(model, filter_fqns)  # a str is one FQN substring
     qtype = parse_recipe(recipe)
     check_kernel(kernel)
-    found = []
-    for fqn, module in model.named_modules():
-        adapter = find_adapter(module)
-        # the filter is asked about experts modules only (a callable never sees the rest)
-        if (adapter is None and not unsupported_experts(module)) or not _matches(fqn, module, filter_fqns):
-            continue
-        if adapter is not None:
-            found.append((fqn, module, adapter))
-        elif unsupported_experts(module):
-            raise TypeError(
-                f"convert_model cannot convert {fqn or '<root>'}: it is {unsupported_experts(module)}. "
-                f"Leave it out with filter_fqns."
-            )
+    found = find_experts(model, filter_fqns)
     if not found:
         what = "routed-experts modules" if filter_fqns is None else f"experts modules matching filter_fqns={filter_fqns!r}"
         raise ValueError(
             f"convert_model found no {what} in {type(model).__name__}: it converts {family_names()}"
         )
-    # Check every module before changing any: a failed conversion leaves the model as it was.
+    convert_found(model, found, qtype, kernel)
+    return model
+
+
+def convert_found(model: nn.Module, found, qtype: QuantizationType, kernel: str) -> None:
+    """Convert the modules :func:`find_experts` returned, all or none: every one is checked
+    (:func:`check_convertible`) before any changes. Sets ``model.moeq_converted_fqns``."""
     for fqn, module, adapter in found:
-        check_dims(fqn, adapter, module, qtype)
+        check_convertible(fqn, adapter, module, qtype)
     for fqn, module, adapter in found:
-        incoming = adapter.incoming_alignment(module, _parent(model, fqn))
+        incoming = adapter.incoming_alignment(module, parent_module(model, fqn))
         convert_experts_module(module, qtype, kernel, adapter=adapter, fqn=fqn, incoming_alignment=incoming)
     model.moeq_converted_fqns = [fqn for fqn, _, _ in found]
-    return model

@@ -9,7 +9,9 @@ transformers 5.x experts, torchtitan's ``GroupedExperts``, ...):
 * :meth:`ExpertsAdapter.incoming_alignment`: what its caller guarantees about the token
   groups it hands over (read once, at conversion);
 * :meth:`ExpertsAdapter.forward`: the converted module's forward, through moeq's GEMMs
-  (moeq.expert_gemms), with the family's own signature.
+  (moeq.expert_gemms), with the family's own signature;
+* :meth:`ExpertsAdapter.unconvertible`: why a module of the family cannot be converted
+  (None when it can).
 
 ``moeq.convert_model`` walks a model and asks the registry (``moeq.integrations.ADAPTERS``,
 first match wins) about each module. Adapters never import their framework at module
@@ -21,7 +23,7 @@ from __future__ import annotations
 import abc
 import functools
 import inspect
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -68,11 +70,28 @@ class ExpertsAdapter(abc.ABC):
     def forward(self, module: nn.Module, *args, **kwargs) -> torch.Tensor:
         """The converted forward of ``module`` (the family's own signature)."""
 
+    def unconvertible(self, module: nn.Module) -> Optional[str]:
+        """Why ``module`` (one this adapter matches) cannot be converted, as a clause for
+        the error ``convert_model`` raises (e.g. "all its experts are identity
+        experts"); None when it can."""
+        return None
+
     def converted_class(self, cls: type) -> type:
         """The class a converted module of class ``cls`` gets: ``Moeq<cls>``, a subclass of
         ``cls`` and :class:`ConvertedExperts` whose forward is :meth:`forward`. One class
         per (adapter, cls), so converting twice reuses it."""
         return _converted_class(self, cls)
+
+    # Adapters hold no state: every instance of a class is the same adapter. So a copy (an
+    # unpickled or deep-copied model's) finds the same converted classes as the original.
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+    def __reduce__(self):
+        return (type(self), ())
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,12 +99,29 @@ def _converted_class(adapter: ExpertsAdapter, cls: type) -> type:
     def forward(self, *args, **kwargs):
         return adapter.forward(self, *args, **kwargs)
 
+    def __reduce_ex__(self, protocol):
+        # The class is made at run time, so pickle cannot find it by name: rebuild it from
+        # (adapter, original class), both importable, and restore the instance's state.
+        return (new_converted_module, (adapter, cls), self.__getstate__())
+
     forward.__doc__ = f"{cls.__name__}'s forward through moeq's grouped GEMMs ({adapter.family})."
     # Frameworks that bind arguments by name (torchtitan's Module.parallelize) see the
     # original signature.
     forward.__signature__ = inspect.signature(cls.forward)
-    attrs = {"__module__": type(adapter).__module__, "forward": forward, "moeq_adapter": adapter}
+    attrs = {
+        "__module__": type(adapter).__module__,
+        "forward": forward,
+        "moeq_adapter": adapter,
+        "__reduce_ex__": __reduce_ex__,
+    }
     return type(f"Moeq{cls.__name__}", (ConvertedExperts, cls), attrs)
+
+
+def new_converted_module(adapter: ExpertsAdapter, cls: type) -> nn.Module:
+    """An empty instance of ``adapter.converted_class(cls)`` (pickle's constructor for a
+    converted module: its state is set afterwards)."""
+    converted = adapter.converted_class(cls)
+    return converted.__new__(converted)
 
 
 def original_class(module: nn.Module) -> type:
@@ -99,3 +135,19 @@ def original_class(module: nn.Module) -> type:
 def local_parameters(module: nn.Module, names) -> Dict[str, torch.Tensor]:
     """``{name: local shard}`` of the module's parameters ``names`` that exist."""
     return {n: local_tensor(getattr(module, n)) for n in names if getattr(module, n, None) is not None}
+
+
+def is_silu(fn: Optional[Callable]) -> bool:
+    """True if the activation ``fn`` computes SiLU: ``torch.nn.SiLU``, transformers'
+    ``SiLUActivation`` (``ACT2FN["silu"]``, ``ACT2FN["swish"]``) or the function
+    ``torch.nn.functional.silu`` itself (LFM2-MoE's ``act_fn``). A subclass that
+    overrides ``forward`` is not taken for SiLU."""
+    if fn is torch.nn.functional.silu:
+        return True
+    if isinstance(fn, torch.nn.SiLU):
+        return type(fn).forward is torch.nn.SiLU.forward
+    for cls in type(fn).__mro__:
+        if cls.__name__ == "SiLUActivation" and cls.__module__.startswith("transformers."):
+            # a subclass with its own forward is some other function
+            return not any("forward" in c.__dict__ for c in type(fn).__mro__[: type(fn).__mro__.index(cls)])
+    return False

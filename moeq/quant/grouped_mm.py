@@ -20,7 +20,10 @@ from moeq.recipes import GROUP_ALIGNMENT, QuantizationType, RecipeLike, parse_re
 from moeq.validation import NonFiniteError
 from moeq.validation import device_check as _check
 
-_INPUT_DTYPES = (torch.bfloat16, torch.float32)
+# The operand dtypes every recipe's grouped GEMMs take (convert_model refuses other
+# expert-weight dtypes at conversion).
+INPUT_DTYPES = (torch.bfloat16, torch.float32)
+_INPUT_DTYPES = INPUT_DTYPES
 # A plain-dict copy: dynamo cannot trace lookups in a mappingproxy with enum keys.
 _GROUP_ALIGNMENT = dict(GROUP_ALIGNMENT)
 # torch._scaled_grouped_mm needs 16-byte aligned strides: 16 e4m3 elements.
