@@ -4,15 +4,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-HF_MODEL_NAMES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss")
+HF_MODEL_NAMES = ("qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "llama4", "dbrx", "jetmoe", "longcat_flash")
 
 
 def hf_config(name: str, *, vocab_size: int = 256, dim: int = 128, num_layers: int = 2, num_heads: int = 4,
               num_experts: int = 8, top_k: int = 2, expert_hidden_dim: int = 128):
     """A transformers config of model family ``name`` with the given sizes.
 
-    Raises ValueError for an unknown name (listing HF_MODEL_NAMES), ImportError without
-    transformers."""
+    ``expert_hidden_dim`` is each routed expert's hidden size; families with zero-compute
+    experts (longcat_flash) get ``num_experts // 2`` of them besides the ``num_experts``
+    routed ones. Raises ValueError for an unknown name (listing HF_MODEL_NAMES),
+    ImportError without transformers."""
     try:
         import transformers
     except ImportError as e:  # pragma: no cover - exercised only without the extra
@@ -42,6 +44,28 @@ def hf_config(name: str, *, vocab_size: int = 256, dim: int = 128, num_layers: i
         return transformers.GptOssConfig(**common, intermediate_size=expert_hidden_dim, num_key_value_heads=num_heads,
                                          head_dim=head_dim, num_local_experts=num_experts, num_experts_per_tok=top_k,
                                          layer_types=["full_attention"] * num_layers)
+    if name == "llama4":
+        return transformers.Llama4TextConfig(**common, intermediate_size=expert_hidden_dim,
+                                             intermediate_size_mlp=2 * expert_hidden_dim, num_key_value_heads=num_heads,
+                                             head_dim=head_dim, num_local_experts=num_experts, num_experts_per_tok=top_k)
+    if name == "dbrx":
+        return transformers.DbrxConfig(
+            d_model=dim, n_heads=num_heads, n_layers=num_layers, vocab_size=vocab_size, bos_token_id=0, eos_token_id=1,
+            pad_token_id=0, attn_config={"kv_n_heads": num_heads, "rope_theta": 10000.0, "clip_qkv": 8.0},
+            ffn_config={"ffn_hidden_size": expert_hidden_dim, "moe_num_experts": num_experts, "moe_top_k": top_k})
+    if name == "jetmoe":
+        # its attention heads are experts too (JetMoeMoA): kv_channels * heads is their width
+        return transformers.JetMoeConfig(
+            vocab_size=vocab_size, hidden_size=dim, num_hidden_layers=num_layers, num_key_value_heads=num_heads,
+            kv_channels=head_dim, intermediate_size=expert_hidden_dim, num_local_experts=num_experts,
+            num_experts_per_tok=top_k, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    if name == "longcat_flash":
+        return transformers.LongcatFlashConfig(
+            vocab_size=vocab_size, hidden_size=dim, num_layers=num_layers, num_attention_heads=num_heads,
+            num_key_value_heads=num_heads, ffn_hidden_size=2 * expert_hidden_dim, q_lora_rank=dim // 2,
+            kv_lora_rank=dim // 2, qk_nope_head_dim=head_dim, qk_rope_head_dim=head_dim, head_dim=head_dim,
+            v_head_dim=head_dim, moe_topk=top_k, n_routed_experts=num_experts, zero_expert_num=num_experts // 2,
+            expert_ffn_hidden_size=expert_hidden_dim, bos_token_id=0, eos_token_id=1, pad_token_id=0)
     raise ValueError(f"unknown model {name!r}: use one of {', '.join(HF_MODEL_NAMES)}")
 
 

@@ -15,9 +15,14 @@ hands it the tokens and :class:`HFLocalExperts` (its experts interface), which c
 on this rank's expert shard.
 
 Adding a family whose experts differ from the generic contract: subclass
-:class:`TransformersExpertsAdapter`, override ``matches`` (e.g. by class name) and the
-hooks that differ (``is_plain_swiglu``, ``expert_math``, ``dims``, ``forward``), and list
-an instance in ``moeq.integrations.ADAPTERS`` before the generic one (docs/design.md).
+:class:`TransformersExpertsAdapter`, override ``matches`` (e.g. by class name with
+:func:`is_transformers_class`) and the hooks that differ (``is_plain_swiglu``,
+``expert_math``, ``dims``, ``forward``), and list an instance in
+``moeq.integrations.ADAPTERS`` before the generic one (docs/design.md). The families
+without ``@use_experts_implementation`` (Llama 4, DBRX, JetMoE, Switch Transformers,
+NLLB-MoE, LongCat-Flash, Step 3.7) have their adapters in the ``transformers_*.py``
+modules next to this one; Doge's ``DogeCDMoE`` cannot be converted
+(:func:`unsupported_transformers_experts` says why).
 """
 from __future__ import annotations
 
@@ -27,14 +32,19 @@ import torch
 from torch import Tensor, nn
 
 from moeq import padding as _padding
-from moeq.expert_gemms import per_gemm_kernel, routed_swiglu_experts, swiglu_experts_quantized
+from moeq.expert_gemms import routed_swiglu_experts, swiglu_experts_quantized
 from moeq.experts import group_end_offsets, swiglu_experts
-from moeq.integrations.base import ExpertsAdapter, local_parameters
+from moeq.integrations.base import ExpertsAdapter, is_silu, local_parameters
+from moeq.integrations.grouped_layers import gemm_kernel, grouped_linear, row_experts
 from moeq.padding_policy import local_tensor as _local
-from moeq.quant.grouped_mm import quantized_grouped_mm
-from moeq.quant.groups import row_group_ids
 from moeq.recipes import QuantizationType
 from moeq.weight_cache import module_weight_cache
+
+# Why moeq.apply_expert_parallel refuses the families without @use_experts_implementation.
+EP_ONLY_DECORATED = (
+    "moeq.apply_expert_parallel shards transformers' @use_experts_implementation experts (Qwen3-MoE, Mixtral, "
+    "DeepSeek-V3, GPT-OSS, ...) only; convert this family without expert parallelism"
+)
 
 # Per-expert tensors of a transformers experts module (leading dim E): what EP shards.
 EXPERT_PARAMETERS = (
@@ -45,6 +55,20 @@ EXPERT_PARAMETERS = (
     "up_proj_bias",
     "down_proj_bias",
 )
+
+
+def is_transformers_class(module: nn.Module, name: str) -> bool:
+    """True if a class named ``name`` from a transformers model module is in module's MRO
+    (detection without importing transformers)."""
+    return any(c.__name__ == name and c.__module__.startswith("transformers.") for c in type(module).__mro__)
+
+
+def _flag(module: nn.Module, name: str) -> bool:
+    # @use_experts_implementation's defaults: experts classes without the decorator
+    # (Step 3.7's, LongCat-Flash's) have none of the flags and this layout.
+    defaults = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
+                "has_post_expert_norm": False}
+    return bool(getattr(module, name, defaults[name]))
 
 
 class TransformersExpertsAdapter(ExpertsAdapter):
@@ -59,7 +83,8 @@ class TransformersExpertsAdapter(ExpertsAdapter):
 
     def dims(self, module: nn.Module) -> Dict[str, int]:
         down = module.down_proj  # (E, D, I), or (E, I, D) when transposed
-        d, i = (down.shape[-1], down.shape[-2]) if module.is_transposed else (down.shape[-2], down.shape[-1])
+        transposed = _flag(module, "is_transposed")
+        d, i = (down.shape[-1], down.shape[-2]) if transposed else (down.shape[-2], down.shape[-1])
         return {"dim": d, "hidden_dim": i}
 
     def local_weights(self, module: nn.Module) -> Dict[str, Tensor]:
@@ -67,12 +92,13 @@ class TransformersExpertsAdapter(ExpertsAdapter):
 
     def is_plain_swiglu(self, module: nn.Module) -> bool:
         """True for experts computing exactly ``silu(x W_gate) * (x W_up) W_down`` with
-        concatenated (E, 2I, D) / (E, D, I) weights and no biases or post-norm."""
-        if not module.has_gate or module.has_bias or module.is_transposed:
+        concatenated (E, 2I, D) / (E, D, I) weights and no biases or post-norm. The
+        activation may be SiLU in any form (:func:`moeq.integrations.base.is_silu`)."""
+        if not _flag(module, "has_gate") or _flag(module, "has_bias") or _flag(module, "is_transposed"):
             return False
-        if getattr(module, "has_post_expert_norm", False) or not getattr(module, "is_concatenated", True):
+        if _flag(module, "has_post_expert_norm") or not _flag(module, "is_concatenated"):
             return False
-        if type(getattr(module, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
+        if not is_silu(getattr(module, "act_fn", None)):
             return False
         from transformers.integrations.moe import _default_apply_gate
 
@@ -124,29 +150,24 @@ class TransformersExpertsAdapter(ExpertsAdapter):
             (M, D); padding and slack rows hold arbitrary values (never combined).
         """
         qtype = module.moeq_recipe
-        kernel = per_gemm_kernel(qtype, module.moeq_kernel, grouped.device) if align else None
+        kernel = gemm_kernel(qtype, module.moeq_kernel, grouped.device)
         offs = group_end_offsets(counts, align)
-        num_experts = offs.shape[0]
         # Expert of each row, for the per-expert bias (slack rows borrow the last expert's).
-        expert_ids = row_group_ids(offs, grouped.shape[0]).clamp(max=num_experts - 1) if module.has_bias else None
+        expert_ids = row_experts(offs, grouped.shape[0]) if _flag(module, "has_bias") else None
+        transposed = _flag(module, "is_transposed")
 
         def linear(inp, weight, bias):
             w = _local(weight)
-            w = w.transpose(-2, -1) if module.is_transposed else w  # -> (E, N, K)
-            if qtype is QuantizationType.BF16:
-                out = torch._grouped_mm(inp, w.transpose(-2, -1), offs=offs)
-            else:
-                out = quantized_grouped_mm(inp, w, offs, qtype=qtype, kernel=kernel)
-            if bias is not None:
-                out = out + _local(bias)[expert_ids].to(out.dtype)
-            return out
+            w = w.transpose(-2, -1) if transposed else w  # -> (E, N, K)
+            bias = None if bias is None else _local(bias)
+            return grouped_linear(inp, w, offs, qtype, kernel, bias=bias, expert_ids=expert_ids)
 
-        if module.has_gate:
+        if _flag(module, "has_gate"):
             h = module._apply_gate(linear(grouped, module.gate_up_proj, getattr(module, "gate_up_proj_bias", None)))
         else:
             h = module.act_fn(linear(grouped, module.up_proj, getattr(module, "up_proj_bias", None)))
         out = linear(h, module.down_proj, getattr(module, "down_proj_bias", None))
-        if getattr(module, "has_post_expert_norm", False):
+        if _flag(module, "has_post_expert_norm"):
             out = module.post_expert_norm(out)
         return out
 
@@ -200,3 +221,16 @@ class HFLocalExperts:
 
 
 TRANSFORMERS_EXPERTS = TransformersExpertsAdapter()
+
+
+def unsupported_transformers_experts(module: nn.Module) -> Optional[str]:
+    """Why moeq cannot convert ``module`` if it is a transformers experts module whose
+    routing leaves no grouped GEMM to quantize (Doge's ``DogeCDMoE``), else None."""
+    if is_transformers_class(module, "DogeCDMoE"):
+        return (
+            "a Doge DogeCDMoE, whose routed experts are single vectors (rows of down_embed and up_embed, "
+            "retrieved per token by product keys): each expert computes one dot product and one scaled vector, "
+            "which is no grouped GEMM (moeq's FP8/MXFP8 GEMMs need 16/32 output columns per expert). Its shared "
+            "expert (gate_proj/up_proj/down_proj) is a dense MLP, which convert_model leaves alone in every family"
+        )
+    return None
