@@ -4,9 +4,13 @@
     model = moeq.convert_model(model, recipe="mxfp8")   # or "fp8", "bf16"
     with moeq.quantized_weight_cache(model):            # gradient accumulation: quantize
         ...                                             # expert weights once per step
+
+With transformers, ``import moeq`` also registers ``experts_implementation="moeq_bf16" |
+"moeq_fp8" | "moeq_mxfp8"`` (moeq.integrations.transformers_interface).
 """
 from moeq.experts import COMPUTE_BACKENDS, GroupedExperts, swiglu_experts
 from moeq.moe import MoE, set_aux_loss_scale
+from moeq.post_import import when_imported as _when_imported
 from moeq.padding import (
     PaddedLayout,
     combine_token_groups,
@@ -18,6 +22,23 @@ from moeq.padding import (
 from moeq.recipes import GROUP_ALIGNMENT, RECIPE_NAMES, QuantizationType, group_alignment, parse_recipe
 from moeq.router import TopKRouter, fp32_linear
 from moeq.weight_cache import quantized_weight_cache
+
+
+def _register_experts_functions(_module) -> None:
+    from moeq.integrations.transformers_interface import register_experts_functions
+
+    register_experts_functions()
+
+
+def _wrap_pretrained_model(_module) -> None:
+    from moeq.integrations.transformers_interface import wrap_pretrained_model
+
+    wrap_pretrained_model()
+
+
+# Each runs once transformers imports the module it needs (now, if it already has).
+_when_imported("transformers.integrations.moe", _register_experts_functions)
+_when_imported("transformers.modeling_utils", _wrap_pretrained_model)
 
 
 def __getattr__(name):
