@@ -102,6 +102,25 @@ def test_save_pretrained_keeps_the_moeq_choice(tmp_path):
     assert _converted(AutoModelForCausalLM.from_pretrained(tmp_path / "plain")) == []
 
 
+def test_standalone_experts_module_converts_at_its_first_forward():
+    """A decorated experts module outside a PreTrainedModel reaches moeq through the
+    registered function: it converts itself, then runs, as convert_model's would."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    cfg = hf_config("qwen3_moe", **TINY)
+    cfg._experts_implementation = "moeq_fp8"
+    torch.manual_seed(0)
+    experts = Qwen3MoeExperts(cfg)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.1)
+    want = convert_model(copy.deepcopy(experts), "fp8")
+    x, idx, w = torch.randn(8, 64), torch.randint(0, 4, (8, 2)), torch.rand(8, 2)
+    got = experts(x, idx, w)
+    assert isinstance(experts, ConvertedExperts) and experts.moeq_recipe is QuantizationType.FP8
+    assert torch.equal(got, want(x, idx, w))
+
+
 def test_converted_model_pickles():
     model = convert_model(_model("llama4"), "fp8", kernel="emulated")
     buf = io.BytesIO()
