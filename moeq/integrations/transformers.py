@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-import torch
 from torch import Tensor, nn
 
 from moeq import padding as _padding
