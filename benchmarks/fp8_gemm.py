@@ -16,7 +16,6 @@ Writes fp8_gemm_<gpu>.json / .md under --out and prints the tables last.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import os
 import sys
@@ -166,13 +165,9 @@ def precompile(shapes, quick):
             jobs.append(("m", 1, c, E, torch.bfloat16))
     for c in (K_CONFIGS[:3] if quick else K_CONFIGS):
         jobs.append(("k", 0, c, 8, torch.bfloat16))
-    t0 = time.time()
-    ctx = __import__("multiprocessing").get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=min(14, os.cpu_count() or 4), mp_context=ctx) as ex:
-        errors = [r for r in ex.map(_warm_one, jobs) if r]
-    print(f"# precompiled {len(jobs)} kernels in {time.time() - t0:.0f}s; {len(errors)} failed", flush=True)
-    for e in errors:
-        print("#   " + e, flush=True)
+    from fp8_tune import compile_in_workers
+
+    compile_in_workers(_warm_one, jobs, "GEMM kernels")
 
 
 def run_gemms(name, seed, quick, log, only=None):

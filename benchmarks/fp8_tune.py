@@ -62,16 +62,23 @@ def _warm(job):
         return f"{kind} {copy} {tiles}: {type(e).__name__}: {str(e)[:160]}"
 
 
-def _precompile(shape, default):
-    jobs = [(shape, kind, "row", (r, default[kind][1])) for kind in default for r in ROW_CANDIDATES]
-    jobs += [(shape, kind, "col", (default[kind][0], c)) for kind in default for c in COL_CANDIDATES]
+def compile_in_workers(warm, jobs, what: str) -> None:
+    """Run ``warm(job)`` for every job in spawned worker processes, so Triton's on-disk
+    cache holds the kernels before the timed process asks for them; ``warm`` returns None
+    or an error line, printed here."""
     t0 = time.time()
     ctx = __import__("multiprocessing").get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=min(14, os.cpu_count() or 4), mp_context=ctx) as ex:
-        errors = [r for r in ex.map(_warm, jobs) if r]
-    print(f"# precompiled {len(jobs)} strip kernels in {time.time() - t0:.0f}s; {len(errors)} failed", flush=True)
+        errors = [r for r in ex.map(warm, jobs) if r]
+    print(f"# precompiled {len(jobs)} {what} in {time.time() - t0:.0f}s; {len(errors)} failed", flush=True)
     for e in errors:
         print("#   " + e, flush=True)
+
+
+def _precompile(shape, default):
+    jobs = [(shape, kind, "row", (r, default[kind][1])) for kind in default for r in ROW_CANDIDATES]
+    jobs += [(shape, kind, "col", (default[kind][0], c)) for kind in default for c in COL_CANDIDATES]
+    compile_in_workers(_warm, jobs, "strip kernels")
 
 
 def _same(a, b):
