@@ -1,0 +1,94 @@
+"""The repository's top-level ``kernels/`` folder never shadows another package.
+
+It installs as ``moeq.kernels``; with the repository root on ``sys.path`` (the README's
+``python -m pytest``, ``python -c`` in the clone) a bare ``import kernels`` must still give
+the installed Hugging Face ``kernels`` package that transformers imports, or fail as if the
+folder were not there.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, *flags: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, *flags, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_bare_kernels_from_repo_root_is_not_this_folder():
+    pytest.importorskip("kernels")
+    code = (
+        "import sys, os, kernels\n"
+        "assert sys.path[0] == '', sys.path[0]\n"
+        f"root = {str(ROOT)!r}\n"
+        "assert not os.path.abspath(kernels.__file__).startswith(os.path.join(root, 'kernels')), kernels.__file__\n"
+        "print(kernels.__file__)\n"
+    )
+    done = _run(code)
+    assert done.returncode == 0, done.stderr
+    assert "site-packages" in done.stdout
+
+
+def test_transformers_hub_kernels_imports_from_repo_root():
+    pytest.importorskip("transformers")
+    done = _run("import transformers; from transformers.integrations import hub_kernels; print('ok')")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"
+
+
+def test_bare_kernels_without_the_package_is_not_found():
+    # -S: no site-packages, so no Hugging Face kernels; the repo root is still on the path.
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+        "try:\n"
+        "    import kernels\n"
+        "except ModuleNotFoundError as e:\n"
+        "    assert e.name == 'kernels', e.name\n"
+        "    assert 'kernels' not in sys.modules\n"
+        "    print('not found')\n"
+        "else:\n"
+        "    print('found', kernels.__file__)\n"
+    )
+    done = _run(code, "-S")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "not found"
+
+
+def test_moeq_kernels_is_this_folder():
+    import moeq.kernels
+    import moeq.kernels.padding
+
+    assert Path(moeq.kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
+    assert moeq.kernels.padding.__name__ == "moeq.kernels.padding"
+
+
+def test_plain_install_ships_moeq_kernels(tmp_path):
+    # A wheel (what `pip install .` installs) holds kernels/ as moeq/kernels, never a bare kernels/.
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=600,
+    )
+    if built.returncode != 0 and "No module named" in built.stderr:
+        pytest.skip(f"cannot build a wheel here: {built.stderr.strip().splitlines()[-1]}")
+    assert built.returncode == 0, built.stderr[-3000:]
+    import zipfile
+
+    (wheel,) = tmp_path.glob("moeq-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "moeq/kernels/__init__.py" in names and "moeq/kernels/padding.py" in names
+    assert not any(n.startswith("kernels/") for n in names), sorted(n for n in names if n.startswith("kernels/"))
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = f"import sys; sys.path.insert(0, {str(site)!r}); import moeq.kernels.padding as p; print(p.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().startswith(str(site))
