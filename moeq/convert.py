@@ -8,11 +8,14 @@ call, so a parallelizer may still replace them (DTensor shards) afterwards.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
 from moeq.converted import ConvertedExperts
+from moeq.expert_gemms import FUSED_DTYPES, fused_experts_kernel
 from moeq.integrations import family_names, find_adapter, unsupported_experts
 from moeq.integrations.base import ExpertsAdapter, original_class
 from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, get_kernel, kernel_names
@@ -72,8 +75,8 @@ def check_dims(fqn: str, adapter: ExpertsAdapter, module: nn.Module, qtype: Quan
 def check_dtypes(fqn: str, adapter: ExpertsAdapter, module: nn.Module, qtype: QuantizationType) -> None:
     """Raise TypeError (naming the module, the tensor, its dtype and the supported ones) if
     an expert weight of ``module`` (``adapter.local_weights``) has a dtype moeq's grouped
-    GEMMs do not take (float16, float64, ...): refused here rather than at the first
-    forward."""
+    GEMMs do not take (float64, ...): refused here rather than at the first
+    forward. float16 is taken: quantized recipes quantize it through exact float32 copies."""
     for name, weight in adapter.local_weights(module).items():
         if weight.dtype not in INPUT_DTYPES:
             supported = " or ".join(str(d).removeprefix("torch.") for d in INPUT_DTYPES)
@@ -82,6 +85,35 @@ def check_dtypes(fqn: str, adapter: ExpertsAdapter, module: nn.Module, qtype: Qu
                 f"{str(weight.dtype).removeprefix('torch.')}, and moeq's grouped GEMMs take {supported} weights. "
                 f"Cast the model first (model.to(torch.bfloat16)), or leave this module out with filter_fqns."
             )
+
+
+def check_fused_dtypes(found, qtype: QuantizationType, kernel: str) -> None:
+    """Say at conversion, in one line, where the fused SM90 experts cannot take a model's
+    dtype: ``kernel="triton"`` raises TypeError; ``"auto"`` warns that those modules run
+    the per-GEMM kernels (float16 through exact float32 copies)."""
+    if qtype is QuantizationType.BF16 or kernel not in (KERNEL_AUTO, KERNEL_TRITON):
+        return
+    other = []
+    for fqn, module, adapter in found:
+        weights = list(adapter.local_weights(module).values())
+        if not weights:
+            continue
+        w = weights[0]
+        if w.dtype in FUSED_DTYPES:
+            continue
+        on_sm90 = w.device.type == "cuda" and torch.cuda.get_device_capability(w.device) == (9, 0)
+        if kernel == KERNEL_TRITON:
+            fused_experts_kernel(qtype, kernel, w.device, w.dtype)  # raises, naming the fix
+        elif on_sm90:
+            other.append((fqn or "<root>", w.dtype))
+    if other:
+        dtypes = sorted({str(d).removeprefix("torch.") for _, d in other})
+        warnings.warn(
+            f"moeq: {len(other)} {qtype.value} experts module(s) ({other[0][0]}, ...) are {'/'.join(dtypes)}; the fused "
+            f"SM90 {qtype.value} experts take bfloat16, so they run the per-GEMM kernels: model.to(torch.bfloat16) "
+            f"for the fused ones",
+            stacklevel=3,
+        )
 
 
 def check_convertible(fqn: str, adapter: ExpertsAdapter, module: nn.Module, qtype: QuantizationType) -> None:
@@ -223,8 +255,9 @@ def convert_model(
         ValueError: unknown recipe or kernel, nothing matched, or a dim not divisible by
             the recipe's alignment (names the module, the dim and the multiple).
         TypeError: an experts module of a layout moeq does not know or cannot convert
-            (torchtitan's fused ``w13``, Doge's vector experts), or an expert weight
-            dtype moeq's GEMMs do not take (float16): each names the module and why.
+            (torchtitan's fused ``w13``, Doge's vector experts), an expert weight
+            dtype moeq's GEMMs do not take (float64), or ``kernel="triton"`` on weights
+            that are not bfloat16: each names the module and why.
     """
     filter_fqns = check_convert_args(model, filter_fqns)  # a str is one FQN substring
     qtype = parse_recipe(recipe)
@@ -244,6 +277,7 @@ def convert_found(model: nn.Module, found, qtype: QuantizationType, kernel: str)
     (:func:`check_convertible`) before any changes. Sets ``model.moeq_converted_fqns``."""
     for fqn, module, adapter in found:
         check_convertible(fqn, adapter, module, qtype)
+    check_fused_dtypes(found, qtype, kernel)
     for fqn, module, adapter in found:
         incoming = adapter.incoming_alignment(module, parent_module(model, fqn))
         convert_experts_module(module, qtype, kernel, adapter=adapter, fqn=fqn, incoming_alignment=incoming)

@@ -19,6 +19,7 @@ from moeq.padding_policy import needs_padding
 from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, select_kernel
 from moeq.quant.grouped_mm import quantized_grouped_mm
 from moeq.recipes import QuantizationType, group_alignment
+from moeq.validation import assert_on_device
 
 
 def resolve_kernel(qtype: QuantizationType, kernel: str, device: torch.device) -> str:
@@ -26,14 +27,29 @@ def resolve_kernel(qtype: QuantizationType, kernel: str, device: torch.device) -
     return select_kernel(kernel, qtype, device).name
 
 
-def fused_experts_kernel(qtype: QuantizationType, kernel: str, device: torch.device) -> Optional[Callable]:
+# The fused Hopper blocks read and return bfloat16 activations.
+FUSED_DTYPES = (torch.bfloat16,)
+
+
+def fused_experts_kernel(
+    qtype: QuantizationType, kernel: str, device: torch.device, dtype: Optional[torch.dtype] = None
+) -> Optional[Callable]:
     """The whole-SwiGLU fused Hopper kernel for ``kernel`` ("auto" or "triton"), or None.
 
     Fused kernels quantize each activation once inside the passes that already touch it
-    (see docs/fp8_hopper.md, docs/mxfp8_hopper.md); they exist for SM90. ``"auto"`` takes
-    them there; ``"triton"`` insists and raises elsewhere, naming the kernel to use.
+    (see docs/fp8_hopper.md, docs/mxfp8_hopper.md); they exist for SM90 and bfloat16
+    activations (``dtype``; None: not known yet). ``"auto"`` takes them there and runs
+    the per-GEMM kernels otherwise; ``"triton"`` insists and raises elsewhere, naming the
+    kernel to use.
     """
     if kernel not in (KERNEL_AUTO, KERNEL_TRITON) or qtype is QuantizationType.BF16:
+        return None
+    if dtype is not None and dtype not in FUSED_DTYPES:
+        if kernel == KERNEL_TRITON:
+            raise TypeError(
+                f"kernel='triton' ({qtype.value} fused Hopper experts) takes bfloat16 activations, got {dtype}: "
+                f"cast the model to bfloat16, or use kernel='auto' (per-GEMM kernels in {dtype})"
+            )
         return None
     sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
     if not sm90:
@@ -83,7 +99,7 @@ def swiglu_experts_quantized(x, gate_up_proj, down_proj, offs, qtype, kernel, *,
     Returns:
         (M, D) in x.dtype; slack rows (and their input gradient) are zero.
     """
-    fused = fused_experts_kernel(qtype, kernel, x.device)
+    fused = fused_experts_kernel(qtype, kernel, x.device, x.dtype)
     if fused is not None:
         qw = cached_weights(weight_cache, qtype, x, gate_up_proj, down_proj)
         return fused(x, gate_up_proj, down_proj, offs, quantized_weights=qw)
@@ -111,7 +127,7 @@ def routed_swiglu_experts(
     """
     num_experts = gate_up_proj.shape[0]
     align = group_alignment(qtype)
-    fused = fused_experts_kernel(qtype, kernel, tokens.device)
+    fused = fused_experts_kernel(qtype, kernel, tokens.device, tokens.dtype)
     if qtype is QuantizationType.MXFP8 and fused is not None and tokens.dtype == torch.bfloat16:
         from moeq.quant.mxfp8_hopper import mxfp8_routed_swiglu_experts
 
@@ -190,7 +206,7 @@ def align_token_groups(
         # (zeros for the GEMMs, which see only the first E groups) and unpadding puts
         # them back in place, so no shape depends on how many there are.
         slack = x.shape[0] - counts.sum()
-        torch._assert_async(
+        assert_on_device(
             slack >= 0,
             "num_tokens_per_expert sums to more rows than x has: pass the per-expert row counts of x",
         )

@@ -33,7 +33,10 @@ import torch
 import torch.nn.functional as F
 
 import moeq
-import moeq.torchtitan as mt
+
+pytest.importorskip("torchtitan", reason="moeq.torchtitan needs torchtitan (pip install torchtitan==0.3.0)")
+
+import moeq.torchtitan as mt  # noqa: E402
 from moeq.converted import ConvertedExperts
 from tests.reference import rel_err
 from tests.test_convert import PadCounter
