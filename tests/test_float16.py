@@ -118,3 +118,31 @@ def test_triton_kernel_refuses_float16_at_conversion():
         convert_model(model, "fp8", kernel="triton")
     assert not any(isinstance(m, ConvertedExperts) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_float16_on_cuda_every_recipe(recipe):
+    """On the GPU: a float16 model converts (on SM90 with one line saying the fused
+    experts take bfloat16), runs forward within the recipe's bound of transformers' own
+    float16 grouped_mm and backward with finite float16 gradients."""
+    torch.manual_seed(0)
+    config = hf_config("qwen3_moe", **{**TINY, "dim": 256, "expert_hidden_dim": 256})
+    ref_model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float16).cuda()
+    ids = IDS.cuda()
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+    model = copy.deepcopy(ref_model)
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    if recipe != "bf16" and sm90:
+        with pytest.warns(UserWarning, match=r"fused SM90 .* take bfloat16"):
+            convert_model(model, recipe)
+    else:
+        convert_model(model, recipe)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert got.dtype == torch.float16 and rel_err(got, ref) <= ERROR_BOUND[recipe]
+    model(ids, labels=ids).loss.backward()
+    grads = [p.grad for m in model.modules() if isinstance(m, ConvertedExperts) for p in m.parameters()]
+    assert grads and all(g is not None and g.dtype == torch.float16 and torch.isfinite(g).all() for g in grads)
