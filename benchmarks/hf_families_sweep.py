@@ -56,7 +56,9 @@ import moeq  # noqa: E402,F401
 from moeq.convert import ConvertedExperts, convert_model  # noqa: E402
 
 ERROR_BOUND = {"bf16": 1e-2, "fp8": 0.1, "mxfp8": 0.1}  # tests/test_convert.py's
-REFUSED = {"doge"}  # families moeq refuses with a reason
+# families moeq refuses with a reason: Doge's experts are vectors; Ergo's experts class
+# wraps the decorated forward in math of its own (a per-route, per-expert RMSNorm)
+REFUSED = {"doge", "ergo"}
 MAX_PARAMETERS = 40_000_000  # a tiny model has well under 1M
 
 _OTHER_EXPERTS = ("Llama4TextMoe", "DbrxExperts", "JetMoeParallelExperts", "SwitchTransformersExperts",
@@ -322,7 +324,7 @@ def run_family(family: str, recipes) -> dict:
             convert_model(base, "fp8")
             out["refused"] = "converted although moeq refuses this family"
         except TypeError as e:
-            out["refused"] = True if family.lower() in str(e).lower() or "Doge" in str(e) else str(e)[:200]
+            out["refused"] = True if family.lower() in str(e).lower() else str(e)[:200]
         return out
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in recipes:
