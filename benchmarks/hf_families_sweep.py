@@ -90,6 +90,9 @@ OVERRIDES = {
     "jetmoe": {"kv_channels": 32},
     # hybrid models: one linear-attention (or conv / mamba) layer and one full-attention layer
     "qwen3_next": {"layer_types": ["linear_attention", "full_attention"]},
+    # one indexed-attention layer (its own indexer) and one sliding-window layer
+    "kolibri1_1": {"layer_types": ["indexed_attention", "sliding_attention"], "index_layers": [0],
+                   "kv_source_layers": [0, 1], "index_num_heads": 1, "num_key_value_heads": 2},
     "qwen3_5_moe_text": {"layer_types": ["linear_attention", "full_attention"]},
     "kimi_linear": {"layer_types": ["linear_attention", "full_attention"]},
     "bailing_hybrid": {"layer_types": ["linear_attention", "full_attention"]},
