@@ -361,7 +361,8 @@ def _cell(result: dict, recipe: str) -> str:
     bad = {k: v for k, v in value.items() if not _ok(v, False)}
     if not bad:
         notes = sorted({str(v) for v in value.values() if str(v).startswith("n/a")})
-        return "pass" + (f" ({'; '.join(n.removeprefix('n/a: ').removeprefix('n/a') for n in notes)})" if notes else "")
+        notes = [n.removeprefix("n/a").strip(" :()") for n in notes]
+        return "pass" + (f" ({'; '.join(notes)})" if notes else "")
     return "; ".join(f"{k}: {v}" for k, v in bad.items()).replace("|", "/")
 
 
