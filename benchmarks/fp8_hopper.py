@@ -7,7 +7,7 @@ Dirichlet(1) split of M rows rounded down to multiples of 16, remainder to exper
 
 * ``bf16``: ``torch._grouped_mm`` SwiGLU with separate gate / up weights (the issue's baseline);
 * ``torchao``: the same graph with torchao's ``_to_fp8_rowwise_then_scaled_grouped_mm``;
-* ``moeq``: ``moeq.quant.fp8_hopper.fp8_swiglu_experts`` on the fused (E, 2H, D) weight;
+* ``moeq``: ``moeq.ops.fp8_hopper.fp8_swiglu_experts`` on the fused (E, 2H, D) weight;
 
 each eager and ``torch.compile``'d (moeq with ``fullgraph=True``). Correctness first: every
 variant's y, grad x, grad gate_up, grad down against a float64 per-expert reference
@@ -84,7 +84,7 @@ def make_variant(name, inputs):
             f = torch.compile(f)
         return (lambda: f(x, w1, w3, w2, offs)), [x, w1, w3, w2]
     if base == "moeq":
-        from moeq.quant.fp8_hopper import fp8_swiglu_experts
+        from moeq.ops.fp8_hopper import fp8_swiglu_experts
 
         f = fp8_swiglu_experts
         if compiled:

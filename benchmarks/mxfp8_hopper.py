@@ -4,7 +4,7 @@ Device benchmark for issue 6 (run on an H100/H200; needs torchao for its emulate
 For each shape, in one process and on the same inputs:
 
 1. correctness first: y, dx, d gate_up, d down of
-   * ``moeq``: moeq.quant.mxfp8_hopper.mxfp8_swiglu_experts,
+   * ``moeq``: moeq.ops.mxfp8_hopper.mxfp8_swiglu_experts,
    * ``torchao``: torchao ``_to_mxfp8_then_scaled_grouped_mm(..., KernelPreference.EMULATED)``
      composed into SwiGLU with eager ``F.silu(gate) * up``,
    * ``torchao_f32swiglu``: the same with moeq's SwiGLU numerics (fp32 math, one bf16
@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from moeq.kernels import mxfp8_hopper as K
-from moeq.quant.mxfp8_hopper import mxfp8_swiglu_experts
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
+from moeq.ops.mxfp8_hopper import mxfp8_swiglu_experts
+from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType
 
 ALIGN = GROUP_ALIGNMENT[QuantizationType.MXFP8]
 SHAPES = {

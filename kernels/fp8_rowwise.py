@@ -1,6 +1,6 @@
 """FP8 (e4m3) rowwise quantization kernels for the Hopper FP8 experts path.
 
-Every GEMM of ``moeq.quant.fp8_hopper`` runs through ``torch._scaled_grouped_mm`` with one
+Every GEMM of ``moeq.ops.fp8_hopper`` runs through ``torch._scaled_grouped_mm`` with one
 float32 scale per row of each operand along the contraction dim. The operands come from four
 sources, each quantized in two directions at once ("dual" quantization):
 
@@ -36,7 +36,7 @@ round_up(M, 16) token columns (the 2D x 2D GEMM wants the token dim a multiple o
 columns >= M are unspecified and never read.
 
 Every public function has a ``*_reference`` twin in plain torch; tests/test_fp8_hopper.py
-checks them bitwise (the SwiGLU modes up to exp() ulps) and against moeq/quant/fp8_rowwise.py.
+checks them bitwise (the SwiGLU modes up to exp() ulps) and against moeq/numerics/fp8_rowwise.py.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
+from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn

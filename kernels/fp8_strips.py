@@ -17,7 +17,7 @@ No amax buffer, memset or atomic is needed, and the two copies are independent l
 a weight's forward (row) copy and its input-gradient (column) copy can be made when each
 is needed, so the column copy need not be kept from the forward to the backward.
 
-Routed-block extras (``moeq.quant.fp8_routed``): per-row routing weights ``w`` can
+Routed-block extras (``moeq.ops.fp8_routed``): per-row routing weights ``w`` can
 multiply the plain source (the weighted column copy of grad_y for the down-projection's
 weight gradient) or grad_h (MODE_SWIGLU_BWD: grad_h = w * unweighted grad_h), and the
 MODE_SWIGLU_BWD row strip can also return the routing-weight gradient

@@ -4,7 +4,7 @@ Hopper has no MX block-scaled tensor-core instruction, but MXFP8 numerics need n
 an e4m3 value times a power of two is exact in bf16, and the product of two such values
 is exact in fp32. So "fake-quantize each operand along its GEMM's contraction dim (to the
 MXFP8 grid, stored as bf16), then a BF16 grouped GEMM with fp32 accumulation" computes the
-MXFP8 GEMM exactly, up to accumulation order (moeq/quant/mxfp8.py states the one
+MXFP8 GEMM exactly, up to accumulation order (moeq/numerics/mxfp8.py states the one
 underflow caveat). The GEMMs then run at BF16 tensor-core speed; what MXFP8 adds is the
 fake-quant passes here, which are memory-bound and fused so each byte moves once:
 
@@ -28,7 +28,7 @@ fake-quant passes here, which are memory-bound and fused so each byte moves once
   when there is no slack.
 
 Numerics (torchao ``to_mx(..., ScaleCalculationMode.RCEIL)``, the contract of
-moeq/quant/mxfp8.py, which the references below call): ``descale = fp32(amax / 448)``,
+moeq/numerics/mxfp8.py, which the references below call): ``descale = fp32(amax / 448)``,
 ``exponent = clamp(ceil(log2(descale)), -127, 127) + 127``, NaN in a block -> exponent
 255 (the block turns NaN), Inf amax -> 254. The kernels take the exponent straight from
 amax's bits (``f - 8``, plus one when amax's significand exceeds 1.75 = 448 / 2**8): the
@@ -56,9 +56,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from moeq.quant.groups import pad_rows, zero_slack_rows
-from moeq.quant.mxfp8 import MX_BLOCK_SIZE, mxfp8_fake_quantize
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
+from moeq.numerics.groups import pad_rows, zero_slack_rows
+from moeq.numerics.mxfp8 import MX_BLOCK_SIZE, mxfp8_fake_quantize
+from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType
 
 import triton
 import triton.language as tl

@@ -8,17 +8,23 @@ call, so a parallelizer may still replace them (DTensor shards) afterwards.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Sequence, Union
 
 from torch import nn
 
-from moeq.converted import ConvertedExperts
+from moeq.experts.converted import ConvertedExperts
 from moeq.integrations import family_names, find_adapter, unsupported_experts
-from moeq.integrations.base import ExpertsAdapter, original_class
-from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, get_kernel, kernel_names
-from moeq.quant.grouped_mm import INPUT_DTYPES
-from moeq.recipes import QuantizationType, RecipeLike, group_alignment, parse_recipe
-from moeq.validation import check_convert_args
+from moeq.integrations.conversion import (
+    check_convertible,
+    check_dims,
+    check_dtypes,
+    convert_experts_module,
+    parent_module,
+    unconvert_experts_module,
+)
+from moeq.ops.registry import KERNEL_AUTO, KERNEL_TRITON, get_kernel, kernel_names
+from moeq.numerics.recipes import QuantizationType, RecipeLike, parse_recipe
+from moeq.numerics.validation import check_convert_args
 
 FilterLike = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 
@@ -37,10 +43,6 @@ __all__ = [
     "unconvert_experts_module",
 ]
 
-# Attributes a conversion sets on a module (ConvertedExperts' per-instance attributes).
-_CONVERSION_ATTRS = ("moeq_recipe", "moeq_kernel", "group_alignment", "moeq_incoming_alignment")
-
-
 def check_kernel(kernel: str) -> str:
     """Return ``kernel`` if convert_model knows it, else raise ValueError naming the choices."""
     if kernel not in (KERNEL_AUTO, KERNEL_TRITON):
@@ -54,118 +56,12 @@ def check_kernel(kernel: str) -> str:
     return kernel
 
 
-def check_dims(fqn: str, adapter: ExpertsAdapter, module: nn.Module, qtype: QuantizationType) -> None:
-    """Raise ValueError (naming the module, the dim and the multiple) if a contraction dim
-    of ``module`` (``adapter.dims``) is not a multiple of the recipe's alignment."""
-    multiple = group_alignment(qtype)
-    if multiple is None:
-        return
-    for name, size in adapter.dims(module).items():
-        if size % multiple:
-            raise ValueError(
-                f"cannot convert {fqn or '<root>'} to {qtype.value}: its {name} is {size}, not a multiple of "
-                f"{multiple} (the {qtype.value} GEMMs need every contraction dim to be one). Leave this module "
-                f"out with filter_fqns, or use recipe='bf16'."
-            )
-
-
-def check_dtypes(fqn: str, adapter: ExpertsAdapter, module: nn.Module, qtype: QuantizationType) -> None:
-    """Raise TypeError (naming the module, the tensor, its dtype and the supported ones) if
-    an expert weight of ``module`` (``adapter.local_weights``) has a dtype moeq's grouped
-    GEMMs do not take (float16, float64, ...): refused here rather than at the first
-    forward."""
-    for name, weight in adapter.local_weights(module).items():
-        if weight.dtype not in INPUT_DTYPES:
-            supported = " or ".join(str(d).removeprefix("torch.") for d in INPUT_DTYPES)
-            raise TypeError(
-                f"cannot convert {fqn or '<root>'} to {qtype.value}: its expert weight {name} is "
-                f"{str(weight.dtype).removeprefix('torch.')}, and moeq's grouped GEMMs take {supported} weights. "
-                f"Cast the model first (model.to(torch.bfloat16)), or leave this module out with filter_fqns."
-            )
-
-
-def check_convertible(fqn: str, adapter: ExpertsAdapter, module: nn.Module, qtype: QuantizationType) -> None:
-    """Every check a conversion makes before changing anything: the family's own
-    (``adapter.unconvertible``, TypeError), the dims (:func:`check_dims`, ValueError) and
-    the weight dtypes (:func:`check_dtypes`, TypeError). Each error names the module."""
-    reason = adapter.unconvertible(module)
-    if reason:
-        raise TypeError(f"cannot convert {fqn or '<root>'} ({type(module).__name__}): {reason}")
-    check_dims(fqn, adapter, module, qtype)
-    check_dtypes(fqn, adapter, module, qtype)
-
-
 def _matches(fqn: str, module: nn.Module, filter_fqns: FilterLike) -> bool:
     if filter_fqns is None:
         return True
     if callable(filter_fqns):
         return bool(filter_fqns(fqn, module))
     return any(f in fqn for f in filter_fqns)
-
-
-def parent_module(model: nn.Module, fqn: str) -> Optional[nn.Module]:
-    """The module holding ``model``'s submodule ``fqn`` (None for the root itself)."""
-    if not fqn:
-        return None
-    parent_fqn = fqn.rpartition(".")[0]
-    return model.get_submodule(parent_fqn) if parent_fqn else model
-
-
-def convert_experts_module(
-    module: nn.Module,
-    qtype: QuantizationType,
-    kernel: str,
-    *,
-    adapter: ExpertsAdapter,
-    fqn: str = "",
-    incoming_alignment: Optional[int] = None,
-) -> nn.Module:
-    """Convert one experts module in place (its family's adapter given).
-
-    Args:
-        module: an experts module ``adapter.matches``.
-        qtype: the recipe. kernel: a kernel choice accepted by :func:`check_kernel`.
-        fqn: its name, for messages.
-        incoming_alignment: what its caller guarantees about the token groups it hands
-            over (``adapter.incoming_alignment``), stored as ``moeq_incoming_alignment``.
-    Returns:
-        ``module``, now an instance of ``adapter.converted_class(original class)``.
-    Raises:
-        ValueError: a contraction dim not divisible by the recipe's alignment.
-        TypeError: an expert weight dtype moeq does not take, or a module its family
-            cannot convert (``adapter.unconvertible``).
-    """
-    check_convertible(fqn, adapter, module, qtype)
-    module.__class__ = adapter.converted_class(original_class(module))
-    module.moeq_recipe = qtype
-    module.moeq_kernel = kernel
-    module.group_alignment = group_alignment(qtype)
-    module.moeq_incoming_alignment = incoming_alignment
-    return module
-
-
-def unconvert_experts_module(module: nn.Module, fqn: str = "") -> nn.Module:
-    """Undo :func:`convert_experts_module` in place: ``module`` gets its original class
-    back and loses the conversion's attributes, so it computes exactly as before
-    conversion (its parameters were never touched). A module that is not converted is
-    returned as it is.
-
-    Raises:
-        RuntimeError: the module is sharded by ``moeq.apply_expert_parallel`` (its
-            original forward cannot run on the shards).
-    """
-    if not isinstance(module, ConvertedExperts):
-        return module
-    if getattr(module, "moeq_expert_dispatcher", None) is not None:
-        raise RuntimeError(
-            f"cannot switch {fqn or '<root>'} back to its own implementation: moeq.apply_expert_parallel "
-            f"sharded its experts, and only moeq's converted forward runs on the shards. Switch before "
-            f"applying expert parallelism, or rebuild the model."
-        )
-    module.__class__ = original_class(module)
-    for name in _CONVERSION_ATTRS:
-        module.__dict__.pop(name, None)
-    return module
 
 
 def find_experts(model: nn.Module, filter_fqns: FilterLike = None):
@@ -216,7 +112,7 @@ def convert_model(
         kernel: ``"auto"`` (fastest path the device runs), ``"emulated"`` (plain-torch
             quantization numerics, any device), ``"triton"`` (fused Hopper
             kernels; SM90 only), or a per-GEMM kernel from
-            ``moeq.quant.dispatch.kernel_names()``.
+            ``moeq.ops.registry.kernel_names()``.
     Returns:
         ``model``, with ``model.moeq_converted_fqns`` listing the converted modules.
     Raises:

@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-from moeq.checkpoint import MAGIC, load_checkpoint, save_checkpoint
-from moeq.cli import main
-from moeq.recipes import RECIPE_NAMES
-from moeq.train import TrainConfig, _lr_at
+from moeq.app.checkpoint import MAGIC, load_checkpoint, save_checkpoint
+from moeq.app.cli import main
+from moeq.numerics.recipes import RECIPE_NAMES
+from moeq.app.train import TrainConfig, _lr_at
 
 TINY = ["--steps", "6", "--batch-size", "2", "--seq-len", "32", "--dim", "64", "--layers", "1", "--experts", "4",
         "--expert-hidden", "64", "--no-progress"]
@@ -41,7 +41,7 @@ def test_kill_9_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, recipe):
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(args + ["--out-dir", str(full)]) == 0
     ckpt = part / "checkpoint.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "moeq.cli", *args, "--out-dir", str(part)],
+    proc = subprocess.Popen([sys.executable, "-m", "moeq.app.cli", *args, "--out-dir", str(part)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
@@ -302,8 +302,8 @@ def test_train_compile_with_default_flags_on_cpu():
     """`moeq train --compile` with the default dtype (float32 on CPU), recipe, kernel and
     backend: inductor compiles the float32 grouped GEMMs; losses match eager."""
     args = ["train", *_with(TINY, "--steps", "2")]
-    from moeq.cli import _config, build_parser
-    from moeq.train import train
+    from moeq.app.cli import _config, build_parser
+    from moeq.app.train import train
 
     compiled = train(_config(build_parser().parse_args(args + ["--compile"])))
     eager = train(_config(build_parser().parse_args(args)))

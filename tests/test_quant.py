@@ -1,4 +1,4 @@
-"""Numerics of moeq.quant: FP8 rowwise, MXFP8, quantized_grouped_mm and its kernel dispatch.
+"""Numerics of moeq.ops: FP8 rowwise, MXFP8, quantized_grouped_mm and its kernel dispatch.
 
 CPU tests check the quantizers bitwise against torchao's references, the exactness that the
 emulated GEMM relies on, quantized_grouped_mm's outputs and gradients against float64 with
@@ -17,8 +17,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moeq.quant import dispatch
-from moeq.quant.fp8_rowwise import (
+from moeq.ops import dispatch
+from moeq.numerics.fp8_rowwise import (
     AMAX_EPS,
     FP8_MAX,
     fp8_per_group_colwise_fake_quantize,
@@ -27,15 +27,15 @@ from moeq.quant.fp8_rowwise import (
     fp8_rowwise_fake_quantize,
     fp8_rowwise_quantize,
 )
-from moeq.quant.grouped_mm import quantized_grouped_mm
-from moeq.quant.mxfp8 import (
+from moeq.ops.grouped_mm import quantized_grouped_mm
+from moeq.numerics.mxfp8 import (
     MX_BLOCK_SIZE,
     mxfp8_dequantize,
     mxfp8_fake_quantize,
     mxfp8_fake_quantize_token_groups,
     mxfp8_quantize,
 )
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
+from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType
 
 FP8, MXFP8, BF16 = QuantizationType.FP8, QuantizationType.MXFP8, QuantizationType.BF16
 gpu = pytest.mark.gpu

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import moeq
 import moeq.torchtitan as mt
-from moeq.converted import ConvertedExperts
+from moeq.experts.converted import ConvertedExperts
 from tests.reference import rel_err
 from tests.test_convert import PadCounter
 from tests.test_expert_parallel import _PadSpy, _spawn

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import moeq
-from moeq.experts import COMPUTE_BACKENDS, swiglu_experts
-from moeq.validation import NonFiniteError, normalize_filter_fqns
+from moeq.experts.swiglu import COMPUTE_BACKENDS, swiglu_experts
+from moeq.numerics.validation import NonFiniteError, normalize_filter_fqns
 from tests.reference import experts_reference, rel_err
 
 D, H, E = 16, 24, 3
@@ -286,8 +286,8 @@ def test_convert_model_filter_fqns(filter_fqns, converted):
 def test_huge_finite_token_gemm_gives_the_right_answer(recipe):
     """A finite 1e30 in a quantized GEMM's input is quantized like any value: the GEMM is
     finite and equals the float64 product of the quantized operands."""
-    from moeq.quant import quantized_grouped_mm
-    from moeq.quant.emulated import _along
+    from moeq.ops import quantized_grouped_mm
+    from moeq.ops.emulated import _along
 
     torch.manual_seed(0)
     a = torch.randn(64, 32)

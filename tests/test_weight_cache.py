@@ -7,7 +7,7 @@ subprocess, with tests/test_fp8_hopper.py's emulation of ``torch._scaled_grouped
 the weight passes run once per context; a weight changed inside the context raises;
 exiting drops the cache; nesting and unconverted models raise; the per-GEMM paths ignore
 it; torch.compile bypasses it. The fused Hopper path only runs on SM90, so the end-to-end
-tests route converted models to it by patching ``moeq.expert_gemms.fused_experts_kernel``.
+tests route converted models to it by patching ``moeq.experts.gemms.fused_experts_kernel``.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import moeq
-from moeq.recipes import QuantizationType
+from moeq.numerics.recipes import QuantizationType
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO_BATCHES = 3
@@ -36,15 +36,15 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 def _use_fused(monkeypatch) -> None:
     """Send converted experts to the fused Hopper functions on CPU (their CPU/emulated ops)."""
-    import moeq.expert_gemms as conv
+    import moeq.experts.gemms as conv
 
     def fused(qtype, kernel, device):
         if qtype is QuantizationType.FP8:
-            from moeq.quant.fp8_hopper import fp8_swiglu_experts
+            from moeq.ops.fp8_hopper import fp8_swiglu_experts
 
             return fp8_swiglu_experts
         if qtype is QuantizationType.MXFP8:
-            from moeq.quant.mxfp8_hopper import mxfp8_swiglu_experts
+            from moeq.ops.mxfp8_hopper import mxfp8_swiglu_experts
 
             return mxfp8_swiglu_experts
         return None
@@ -56,11 +56,11 @@ def _count_weight_passes(monkeypatch, recipe: str) -> list:
     """Patch the recipe's weight-quantization pass with a counting wrapper; returns the counter."""
     calls = []
     if recipe == "mxfp8":
-        from moeq.quant import mxfp8_hopper as mod
+        from moeq.ops import mxfp8_hopper as mod
 
         name = "_ref_weight"
     else:
-        from moeq.quant.fp8_hopper import _k as mod
+        from moeq.ops.fp8_hopper import _k as mod
 
         name = "quantize_weight"
     orig = getattr(mod, name)
@@ -142,7 +142,7 @@ def _mx_problem(seed=0, e=3, d=64, h=32):
 
 
 def test_mxfp8_function_with_precomputed_weights_is_bitwise():
-    from moeq.quant.mxfp8_hopper import mxfp8_swiglu_experts, quantize_mxfp8_expert_weights
+    from moeq.ops.mxfp8_hopper import mxfp8_swiglu_experts, quantize_mxfp8_expert_weights
 
     x, w1, w2, offs = _mx_problem()
     gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(9)).bfloat16()
@@ -345,9 +345,9 @@ def test_compile_fullgraph_bypasses_the_cache(monkeypatch):
 
 def _check_fp8_cached_bitwise() -> None:
     """Run under TRITON_INTERPRET=1: fp8_swiglu_experts with precomputed / cached weights."""
-    import moeq.expert_gemms as conv
+    import moeq.experts.gemms as conv
     from moeq.convert import convert_model
-    from moeq.quant import fp8_hopper as fh
+    from moeq.ops import fp8_hopper as fh
     from tests.test_fp8_hopper import emulated_scaled_grouped_mm
 
     fh._scaled_grouped_mm = emulated_scaled_grouped_mm

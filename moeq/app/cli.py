@@ -7,9 +7,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from moeq.experts import COMPUTE_BACKENDS
-from moeq.hf_models import HF_MODEL_NAMES
-from moeq.recipes import RECIPE_NAMES
+from moeq.experts.swiglu import COMPUTE_BACKENDS
+from moeq.integrations.transformers.models import HF_MODEL_NAMES
+from moeq.numerics.recipes import RECIPE_NAMES
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", metavar="PATH",
@@ -38,8 +38,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args):
-    from moeq.model import MoEModelConfig
-    from moeq.train import TrainConfig
+    from moeq.nn.model import MoEModelConfig
+    from moeq.app.train import TrainConfig
 
     if args.data:
         missing = [d for d in args.data if not os.path.exists(d)]
@@ -55,7 +55,7 @@ def _config(args):
 
 
 def _cmd_train(args) -> int:
-    from moeq.train import train
+    from moeq.app.train import train
 
     cfg = dataclasses.replace(_config(args), recipe=args.recipe, out_dir=args.out_dir, resume=args.resume,
                               checkpoint_every=args.checkpoint_every, allow_config_change=args.allow_config_change)
@@ -68,7 +68,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from moeq.compare import compare_recipes
+    from moeq.app.compare import compare_recipes
 
     results = compare_recipes(_config(args), args.recipes, args.out_dir)
     print((open(os.path.join(args.out_dir, "results.md")).read()))
@@ -89,7 +89,7 @@ def _cmd_bench(args) -> int:
 
 
 def _recipe(value: str) -> str:
-    from moeq.recipes import parse_recipe
+    from moeq.numerics.recipes import parse_recipe
 
     try:
         return parse_recipe(value).value

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from moeq.train import TrainConfig, TrainResult, check_config, train
+from moeq.app.train import TrainConfig, TrainResult, check_config, train
 
 
 def compare_recipes(base: TrainConfig, recipes: Sequence[str], out_dir: str) -> list[TrainResult]:
-    """Run :func:`moeq.train.train` once per recipe from the same seed and data.
+    """Run :func:`moeq.app.train.train` once per recipe from the same seed and data.
 
     Writes to ``out_dir``: ``loss_curves.png`` (loss per step, one line per recipe),
     ``results.md`` (final loss, gap to the first recipe, tokens/s, peak memory) and

@@ -2,7 +2,7 @@
 
 Runs fail loudly and resumably: the config is checked before anything is built (one
 error naming the flag), ``--resume`` refuses a checkpoint of another config unless told
-otherwise, checkpoints are atomic and checksummed (moeq/checkpoint.py), and a loss or
+otherwise, checkpoints are atomic and checksummed (moeq/app/checkpoint.py), and a loss or
 gradient that turns NaN/Inf stops the run with the step and the last good loss, leaving
 the last good checkpoint in place.
 """
@@ -19,12 +19,12 @@ from typing import List, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from moeq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from moeq.data import batches, files_corpus, stdlib_corpus
-from moeq.experts import COMPUTE_BACKENDS
-from moeq.model import MoEModelConfig, MoETransformer
-from moeq.recipes import parse_recipe
-from moeq.validation import NonFiniteError, check_float, check_int
+from moeq.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from moeq.app.data import batches, files_corpus, stdlib_corpus
+from moeq.experts.swiglu import COMPUTE_BACKENDS
+from moeq.nn.model import MoEModelConfig, MoETransformer
+from moeq.numerics.recipes import parse_recipe
+from moeq.numerics.validation import NonFiniteError, check_float, check_int
 
 
 @dataclass
@@ -50,7 +50,7 @@ class TrainConfig:
     compile: bool = False
     progress: bool = True
     model: MoEModelConfig = field(default_factory=MoEModelConfig)
-    hf_model: Optional[str] = None  # a moeq.hf_models.HF_MODEL_NAMES family instead of moeq's own model
+    hf_model: Optional[str] = None  # a moeq.integrations.transformers.models.HF_MODEL_NAMES family instead of moeq's own model
 
 
 @dataclass
@@ -84,7 +84,7 @@ def check_config(cfg: TrainConfig) -> None:
 
     Host-only; nothing is built or read besides ``out_dir``'s kind and CUDA's presence."""
     if not isinstance(cfg, TrainConfig):
-        raise TypeError(f"cfg must be a moeq.train.TrainConfig, got {type(cfg).__name__}")
+        raise TypeError(f"cfg must be a moeq.app.train.TrainConfig, got {type(cfg).__name__}")
     parse_recipe(cfg.recipe)
     check_int("steps (--steps)", cfg.steps, minimum=1, fix="train at least one step")
     check_int("batch_size (--batch-size)", cfg.batch_size, minimum=1, fix="pass the sequences per step, e.g. 8")
@@ -159,7 +159,7 @@ def _check_model_config(cfg: TrainConfig) -> None:
         raise ValueError(f"model.compute_backend (--compute-backend) {m.compute_backend!r}: use one of "
                          f"{', '.join(COMPUTE_BACKENDS)}")
     if cfg.hf_model:
-        from moeq.hf_models import HF_MODEL_NAMES
+        from moeq.integrations.transformers.models import HF_MODEL_NAMES
 
         if cfg.hf_model not in HF_MODEL_NAMES:
             raise ValueError(f"hf_model (--model) {cfg.hf_model!r}: use one of {', '.join(HF_MODEL_NAMES)}")
@@ -200,7 +200,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module
     """The demo model in ``cfg.dtype``, converted to ``cfg.recipe``; returns (model, converted FQNs)."""
     torch.manual_seed(cfg.seed)
     if cfg.hf_model:
-        from moeq.hf_models import build_hf_model
+        from moeq.integrations.transformers.models import build_hf_model
 
         m = cfg.model
         model = build_hf_model(cfg.hf_model, vocab_size=m.vocab_size, dim=m.dim, num_layers=m.num_layers,
@@ -239,7 +239,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train the demo model for ``cfg.steps`` steps and return the loss curve.
 
     With ``cfg.out_dir`` set, writes ``checkpoint.pt`` (model, optimizer, step, losses,
-    config, lr horizon; atomic and checksummed, see moeq/checkpoint.py) and
+    config, lr horizon; atomic and checksummed, see moeq/app/checkpoint.py) and
     ``metrics.json``. ``cfg.resume`` continues from the checkpoint there, bitwise as if
     never interrupted: its saved config must equal ``cfg`` outside ``EXECUTION_FIELDS``
     unless ``cfg.allow_config_change``; ``cfg.steps`` may exceed the run's first

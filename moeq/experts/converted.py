@@ -5,7 +5,7 @@ A converted module's class is a subclass of its original class mixing in
 instance carries the recipe and kernel choice as plain attributes. Parameters, buffers
 and state_dict keys are the original module's.
 
-This module sits low in the import order (it imports only moeq.recipes) so that the
+This module sits low in the import order (it imports only moeq.numerics.recipes) so that the
 weight cache, the expert GEMMs, the adapters and convert_model can all name the marker
 without importing each other.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from moeq.recipes import QuantizationType
+from moeq.numerics.recipes import QuantizationType
 
 
 class ConvertedExperts:

@@ -13,12 +13,12 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from moeq import padding as _padding
-from moeq.experts import group_end_offsets, swiglu, swiglu_experts
-from moeq.padding_policy import needs_padding
-from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, select_kernel
-from moeq.quant.grouped_mm import quantized_grouped_mm
-from moeq.recipes import QuantizationType, group_alignment
+from moeq.ops import padding as _padding
+from moeq.experts.swiglu import group_end_offsets, swiglu, swiglu_experts
+from moeq.experts.padding_policy import needs_padding
+from moeq.ops.registry import KERNEL_AUTO, KERNEL_TRITON, select_kernel
+from moeq.ops.grouped_mm import quantized_grouped_mm
+from moeq.numerics.recipes import QuantizationType, group_alignment
 
 
 def resolve_kernel(qtype: QuantizationType, kernel: str, device: torch.device) -> str:
@@ -44,10 +44,10 @@ def fused_experts_kernel(qtype: QuantizationType, kernel: str, device: torch.dev
             )
         return None
     if qtype is QuantizationType.FP8:
-        from moeq.quant.fp8_hopper import fp8_swiglu_experts
+        from moeq.ops.fp8_hopper import fp8_swiglu_experts
 
         return fp8_swiglu_experts
-    from moeq.quant.mxfp8_hopper import mxfp8_swiglu_experts
+    from moeq.ops.mxfp8_hopper import mxfp8_swiglu_experts
 
     return mxfp8_swiglu_experts
 
@@ -77,7 +77,7 @@ def swiglu_experts_quantized(x, gate_up_proj, down_proj, offs, qtype, kernel, *,
         qtype: the recipe (BF16 runs ``torch._grouped_mm`` under the same slack-row
             contract). kernel: the user's choice ("auto", "triton", or a per-GEMM
             kernel name).
-        weight_cache: the module's ``moeq.weight_cache.ExpertWeightCache`` (inside
+        weight_cache: the module's ``moeq.experts.weight_cache.ExpertWeightCache`` (inside
             ``moeq.quantized_weight_cache``, eager only); the fused path takes its
             weights' quantized copies from it, the per-GEMM kernels ignore it.
     Returns:
@@ -113,7 +113,7 @@ def routed_swiglu_experts(
     align = group_alignment(qtype)
     fused = fused_experts_kernel(qtype, kernel, tokens.device)
     if qtype is QuantizationType.MXFP8 and fused is not None and tokens.dtype == torch.bfloat16:
-        from moeq.quant.mxfp8_hopper import mxfp8_routed_swiglu_experts
+        from moeq.ops.mxfp8_hopper import mxfp8_routed_swiglu_experts
 
         qw = cached_weights(weight_cache, qtype, tokens, gate_up_proj, down_proj)
         return mxfp8_routed_swiglu_experts(
@@ -121,8 +121,8 @@ def routed_swiglu_experts(
         )
     if qtype is QuantizationType.FP8 and fused is not None and tokens.dtype == torch.bfloat16:
         # routing weights folded into the down GEMM's epilogue, their gradient into the
-        # SwiGLU backward pass (moeq/quant/fp8_hopper.py)
-        from moeq.quant.fp8_hopper import fp8_routed_swiglu_experts
+        # SwiGLU backward pass (moeq/ops/fp8_hopper.py)
+        from moeq.ops.fp8_hopper import fp8_routed_swiglu_experts
 
         qw = cached_weights(weight_cache, qtype, tokens, gate_up_proj, down_proj)
         return fp8_routed_swiglu_experts(
@@ -164,7 +164,7 @@ def align_token_groups(
     *,
     tail_slack: bool = False,
 ) -> AlignedGroups:
-    """Apply the padding policy (moeq.padding_policy.needs_padding) to incoming token groups.
+    """Apply the padding policy (moeq.experts.padding_policy.needs_padding) to incoming token groups.
 
     Args:
         x: (M, D) rows in expert order; every group starts at a multiple of

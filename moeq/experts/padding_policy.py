@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from moeq.recipes import QuantizationType, group_alignment
+from moeq.numerics.recipes import QuantizationType, group_alignment
 
 
 def is_expert_parallel(*params: torch.Tensor) -> bool:
@@ -39,7 +39,7 @@ def needs_padding(qtype: QuantizationType, incoming_alignment: Optional[int]) ->
     ``None`` (groups packed back to back) or ``a`` (every group starts at a multiple of
     ``a``: moeq.MoE's permute-and-pad, moeq's EP dispatch, or torchtitan's
     ``TorchAOTokenDispatcher(pad_multiple=a)`` already padded them).
-    ``moeq.expert_gemms.align_token_groups`` applies the decision (torchtitan's slack
+    ``moeq.experts.gemms.align_token_groups`` applies the decision (torchtitan's slack
     tail rows included).
 
     The seven cases (pad = this layer runs pad before and unpad after its GEMMs):

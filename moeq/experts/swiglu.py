@@ -1,15 +1,15 @@
-"""Routed SwiGLU experts with 3D weights and three compute backends."""
+"""Routed SwiGLU experts, functional form, in plain torch: three compute backends.
+
+The module form (``moeq.GroupedExperts``) is in moeq/nn/experts.py."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from moeq.padding import combine_token_groups, permute_and_pad
-from moeq.padding_policy import local_tensor
-from moeq.validation import check_counts, check_counts_values, check_int, check_tensor
+from moeq.ops.bf16_grouped_mm import grouped_mm
+from moeq.numerics.validation import check_counts, check_counts_values, check_int, check_tensor
 
 # The one place backend names live.
 COMPUTE_BACKENDS = ("grouped_mm", "batched_mm_padded", "for_loop")
@@ -33,27 +33,12 @@ def group_end_offsets(num_tokens_per_expert: torch.Tensor, group_alignment: Opti
     """(E,) counts -> (E,) int32 cumulative end offsets for ``torch._grouped_mm``.
 
     With ``group_alignment=a`` each group occupies ``round_up(count, a)`` rows (the
-    padded layout of moeq.padding), so every group starts at a multiple of ``a``.
+    padded layout of moeq.ops.padding), so every group starts at a multiple of ``a``.
     """
     counts = num_tokens_per_expert
     if group_alignment is not None and group_alignment > 1:
         counts = round_up(counts, group_alignment)
     return torch.cumsum(counts, 0, dtype=torch.int32)
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    ``torch._grouped_mm``'s backward rejects expanded gradients (e.g. from ``y.sum()``).
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
 
 
 def _check_grouped_mm_operand(name: str, t: torch.Tensor) -> None:
@@ -69,54 +54,6 @@ def _check_grouped_mm_operand(name: str, t: torch.Tensor) -> None:
             f"{t.dtype} (16-byte aligned rows), got {t.shape[-1]}: pad the model dim / hidden dim, or use "
             f"compute_backend='for_loop'"
         )
-
-
-# torch._grouped_mm computes float32/float16 in eager mode, but its meta function (what
-# torch.compile traces with) accepts only bfloat16. Under compile, other dtypes go
-# through this custom op, opaque to the compiler, which runs the same ATen kernel.
-@torch.library.custom_op("moeq::grouped_mm", mutates_args=())
-def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return torch._grouped_mm(a, b, offs=offs)
-
-
-@_grouped_mm_op.register_fake
-def _(a, b, offs):
-    if b.dim() == 3:  # (M, K) x (E, K, N) -> (M, N)
-        return a.new_empty((a.shape[0], b.shape[-1]))
-    return a.new_empty((offs.shape[0], a.shape[0], b.shape[1]))  # (K, M) x (M, N) -> (E, K, N)
-
-
-def _grouped_mm_setup(ctx, inputs, output):
-    a, b, offs = inputs
-    ctx.save_for_backward(a, b, offs)
-
-
-def _grouped_mm_backward(ctx, grad):
-    a, b, offs = ctx.saved_tensors  # a (M, K), b (E, K, N): the only form differentiated here
-    grad = grad.contiguous()
-    grad_a = _grouped_mm_op(grad, b.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
-    grad_b = _grouped_mm_op(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
-    return grad_a, grad_b, None
-
-
-_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
-
-
-def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Per-group ``x[group e] @ weight[e].T`` through ``torch._grouped_mm``.
-
-    Args:
-        x: (M, K) rows grouped by expert, float32/bfloat16/float16 (any strides).
-        weight: (E, N, K) of x's dtype.
-        offs: (E,) int32 cumulative end offsets; rows past ``offs[-1]`` are in no group
-            and their output (and input gradient) is unspecified: callers with such
-            slack rows mask them (:func:`swiglu_experts` does).
-    Returns:
-        (M, N) in x.dtype. Traceable by ``torch.compile`` in every one of those dtypes.
-    """
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-        return _grouped_mm_op(x.contiguous(), weight.transpose(-2, -1), offs)
-    return torch._grouped_mm(_ContiguousGrad.apply(x.contiguous()), weight.transpose(-2, -1), offs=offs)
 
 
 def _expert_row_index(offs: torch.Tensor, num_rows: int):
@@ -291,121 +228,3 @@ def _batched_mm_padded(x, gate_up_proj, down_proj, counts, offs):
     y = torch.bmm(h, down_proj.transpose(-2, -1))
     y = torch.cat([y, y.new_zeros(1, *y.shape[1:])])  # zeros for padding/slack rows
     return y[e_idx, p_idx]
-
-
-class GroupedExperts(nn.Module):
-    """SwiGLU routed experts with fused 3D weights (transformers 5.x layout).
-
-    Parameters:
-        gate_up_proj: (E, 2H, D); gate rows [0, H), up rows [H, 2H).
-        down_proj: (E, D, H).
-
-    Args:
-        dim: D. hidden_dim: H. num_experts: E.
-        compute_backend: one of ``COMPUTE_BACKENDS``: ``"grouped_mm"``
-            (torch._grouped_mm, sync-free, the default), ``"batched_mm_padded"`` (pad
-            to [E, max_tokens_per_expert, D], torch.bmm, gather back) or
-            ``"for_loop"`` (per-expert matmuls; portable fallback, any dtype).
-    """
-
-    # Alignment (rows) this module's GEMMs want token groups to start at. None: any.
-    # Quantized subclasses made by moeq.convert_model override it from GROUP_ALIGNMENT.
-    group_alignment: Optional[int] = None
-
-    def __init__(
-        self,
-        dim: int,
-        hidden_dim: int,
-        num_experts: int,
-        *,
-        compute_backend: str = "grouped_mm",
-        dtype: Optional[torch.dtype] = None,
-        device: Optional[torch.device] = None,
-    ):
-        super().__init__()
-        dim = check_int("dim", dim, minimum=1, fix="pass the model width D")
-        hidden_dim = check_int("hidden_dim", hidden_dim, minimum=1, fix="pass the experts' hidden width H")
-        num_experts = check_int("num_experts", num_experts, minimum=0, fix="pass the number of routed experts E")
-        self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
-        self.compute_backend = check_compute_backend(compute_backend)
-        kw = dict(dtype=dtype, device=device)
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim, **kw))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **kw))
-        self.reset_parameters()
-
-    def reset_parameters(self, std: float = 0.02) -> None:
-        """Normal(0, std) init; the down projection is scaled by 1/sqrt(2) as is common."""
-        nn.init.normal_(self.gate_up_proj, std=std)
-        nn.init.normal_(self.down_proj, std=std / 2**0.5)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        num_tokens_per_expert: torch.Tensor,
-        *,
-        group_alignment: Optional[int] = None,
-        validate_counts: bool = True,
-    ) -> torch.Tensor:
-        """Apply each expert to its token group.
-
-        Args:
-            x: (M, D) tokens grouped in expert order (see :func:`swiglu_experts`).
-            num_tokens_per_expert: (E,) integer counts on x's device, summing to M
-                (checked: at once on CPU, device-side on CUDA; see :func:`swiglu_experts`).
-            group_alignment: set by a caller (moeq.MoE, EP dispatch) whose tokens are
-                already in the padded layout with groups starting at multiples of it.
-            validate_counts: False only for counts moeq made itself (routing, an EP
-                dispatch plan): skips their value checks (see :func:`run_on_trusted_counts`).
-        Returns:
-            (M, D) in x.dtype.
-        """
-        return self._experts(x, num_tokens_per_expert, group_alignment, validate_counts=validate_counts)
-
-    def _experts(self, x, num_tokens_per_expert, group_alignment, *, validate_counts: bool) -> torch.Tensor:
-        # Under expert parallelism the weights are DTensors: compute on the local experts.
-        return swiglu_experts(
-            x,
-            local_tensor(self.gate_up_proj),
-            local_tensor(self.down_proj),
-            num_tokens_per_expert,
-            compute_backend=self.compute_backend,
-            group_alignment=group_alignment,
-            validate_counts=validate_counts,
-        )
-
-    def routed_forward(
-        self, tokens: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """All experts on this device: permute-and-pad, :meth:`forward`, weighted combine.
-
-        Args:
-            tokens: (T, D). expert_indices: (T, k) ids in [0, E). expert_weights: (T, k).
-        Returns:
-            (T, D) in tokens.dtype: ``sum_j weights[t, j] * expert_{idx[t, j]}(tokens[t])``.
-        Tokens are laid out in this module's ``group_alignment`` in the same pass, so its
-        GEMMs never pad again. Quantized subclasses may fuse more (see moeq.convert).
-        """
-        alignment = self.group_alignment
-        grouped, counts, layout = permute_and_pad(tokens, expert_indices, self.num_experts, alignment)
-        out = run_on_trusted_counts(self, grouped, counts, alignment)
-        return combine_token_groups(out, layout, expert_weights)
-
-    def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
-            f"compute_backend={self.compute_backend!r}"
-        )
-
-
-def run_on_trusted_counts(
-    experts: nn.Module, x: torch.Tensor, num_tokens_per_expert: torch.Tensor, group_alignment: Optional[int]
-) -> torch.Tensor:
-    """``experts(x, num_tokens_per_expert, group_alignment=...)`` for counts moeq made itself
-    (``permute_and_pad``'s, an EP dispatch plan's): right by construction, so a
-    :class:`GroupedExperts` with the stock forward (converted ones included) skips their
-    value checks (on CUDA they
-    would cost a few kernel launches per call). The call goes through the module's
-    ``__call__``, so wrappers' hooks (FSDP2's parameter all-gather) still run."""
-    if isinstance(experts, GroupedExperts) and type(experts).forward is GroupedExperts.forward:
-        return experts(x, num_tokens_per_expert, group_alignment=group_alignment, validate_counts=False)
-    return experts(x, num_tokens_per_expert, group_alignment=group_alignment)

@@ -35,8 +35,8 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-from moeq.converted import ConvertedExperts
-from moeq.recipes import QuantizationType
+from moeq.experts.converted import ConvertedExperts
+from moeq.numerics.recipes import QuantizationType
 
 # Name of the attribute holding a module's cache while inside the context.
 CACHE_ATTR = "_moeq_weight_cache"
@@ -48,11 +48,11 @@ def _fingerprint(t: torch.Tensor) -> Tuple:
 
 def _quantizer(qtype: QuantizationType) -> Callable:
     if qtype is QuantizationType.FP8:
-        from moeq.quant.fp8_hopper import quantize_fp8_expert_weights
+        from moeq.ops.fp8_hopper import quantize_fp8_expert_weights
 
         return quantize_fp8_expert_weights
     if qtype is QuantizationType.MXFP8:
-        from moeq.quant.mxfp8_hopper import quantize_mxfp8_expert_weights
+        from moeq.ops.mxfp8_hopper import quantize_mxfp8_expert_weights
 
         return quantize_mxfp8_expert_weights
     raise ValueError(f"no fused expert-weight quantization for recipe {qtype.value!r}")

@@ -9,7 +9,7 @@ transformers 5.x experts, torchtitan's ``GroupedExperts``, ...):
 * :meth:`ExpertsAdapter.incoming_alignment`: what its caller guarantees about the token
   groups it hands over (read once, at conversion);
 * :meth:`ExpertsAdapter.forward`: the converted module's forward, through moeq's GEMMs
-  (moeq.expert_gemms), with the family's own signature;
+  (moeq.experts.gemms), with the family's own signature;
 * :meth:`ExpertsAdapter.unconvertible`: why a module of the family cannot be converted
   (None when it can).
 
@@ -28,8 +28,8 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
-from moeq.converted import ConvertedExperts
-from moeq.padding_policy import local_tensor
+from moeq.experts.converted import ConvertedExperts
+from moeq.experts.padding_policy import local_tensor
 
 
 class ExpertsAdapter(abc.ABC):

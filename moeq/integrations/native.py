@@ -11,23 +11,23 @@ from typing import Dict
 import torch
 from torch import nn
 
-from moeq.converted import ConvertedExperts
-from moeq.expert_gemms import grouped_swiglu_experts, routed_swiglu_experts
-from moeq.experts import GroupedExperts
+from moeq.experts.converted import ConvertedExperts
+from moeq.experts.gemms import grouped_swiglu_experts, routed_swiglu_experts
+from moeq.nn.experts import GroupedExperts
 from moeq.integrations.base import ExpertsAdapter, local_parameters
-from moeq.padding_policy import local_tensor as _local
-from moeq.recipes import QuantizationType
-from moeq.validation import check_counts, check_counts_values
-from moeq.weight_cache import module_weight_cache
+from moeq.experts.padding_policy import local_tensor as _local
+from moeq.numerics.recipes import QuantizationType
+from moeq.numerics.validation import check_counts, check_counts_values
+from moeq.experts.weight_cache import module_weight_cache
 
 
 class QuantizedGroupedExperts(ConvertedExperts, GroupedExperts):
     """moeq.GroupedExperts whose GEMMs follow ``moeq_recipe``; pads only when needed."""
 
     def _experts(self, x, num_tokens_per_expert, group_alignment, *, validate_counts: bool):
-        # GroupedExperts.forward's body (its contract; see moeq.padding_policy for padding):
+        # GroupedExperts.forward's body (its contract; see moeq.experts.padding_policy for padding):
         # the same checks, count values skipped only for counts moeq made itself
-        # (moeq.experts.run_on_trusted_counts)
+        # (moeq.nn.experts.run_on_trusted_counts)
         qtype = self.moeq_recipe
         if qtype is QuantizationType.BF16:
             return super()._experts(x, num_tokens_per_expert, group_alignment, validate_counts=validate_counts)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeq.moe import MoE
+from moeq.nn.moe import MoE
 
 
 @dataclass

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeq.experts import GroupedExperts
-from moeq.router import TopKRouter, attach_aux_loss, check_router_args
-from moeq.validation import check_float, check_int, check_module, check_tensor
+from moeq.nn.experts import GroupedExperts
+from moeq.nn.router import TopKRouter, attach_aux_loss, check_router_args
+from moeq.numerics.validation import check_float, check_int, check_module, check_tensor
 
 
 class FeedForward(nn.Module):

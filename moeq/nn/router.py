@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeq.validation import check_float, check_int, check_tensor
+from moeq.numerics.validation import check_float, check_int, check_tensor
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 LOAD_BALANCING = ("aux_loss", "expert_bias", "none")

@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from moeq.quant.groups import row_group_ids
+from moeq.numerics.groups import row_group_ids
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0

@@ -33,8 +33,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from moeq.quant.groups import pad_rows, zero_slack_rows
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
+from moeq.numerics.groups import pad_rows, zero_slack_rows
+from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType
 
 MX_BLOCK_SIZE = 32  # fixed by the OCP MX format, not a tunable
 E8M0_DTYPE = torch.float8_e8m0fnu

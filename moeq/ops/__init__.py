@@ -2,8 +2,8 @@
 
 See docs/recipes.md for what each recipe quantizes where.
 """
-from moeq.quant.device import DeviceInfo, device_info
-from moeq.quant.dispatch import (
+from moeq.ops.device import DeviceInfo, device_info
+from moeq.ops.registry import (
     KERNEL_AUTO,
     KERNEL_EMULATED,
     KERNEL_TORCH,
@@ -18,7 +18,7 @@ from moeq.quant.dispatch import (
     register_kernel,
     select_kernel,
 )
-from moeq.quant.fp8_rowwise import (
+from moeq.numerics.fp8_rowwise import (
     fp8_dequantize,
     fp8_per_group_colwise_fake_quantize,
     fp8_per_group_colwise_quantize,
@@ -26,8 +26,8 @@ from moeq.quant.fp8_rowwise import (
     fp8_rowwise_fake_quantize,
     fp8_rowwise_quantize,
 )
-from moeq.quant.grouped_mm import quantized_grouped_mm
-from moeq.quant.mxfp8 import (
+from moeq.ops.grouped_mm import quantized_grouped_mm
+from moeq.numerics.mxfp8 import (
     MX_BLOCK_SIZE,
     mxfp8_dequantize,
     mxfp8_fake_quantize,

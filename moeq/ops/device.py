@@ -1,7 +1,7 @@
 """``DeviceInfo``: what grouped-GEMM kernel selection knows about a device.
 
 A plain value (device type, index, CUDA compute capability, ROCm or not), so kernel
-selection (moeq/quant/dispatch.py) is a pure function that can be asked about any GPU
+selection (moeq/ops/registry.py) is a pure function that can be asked about any GPU
 without one: ``DeviceInfo("cuda", 0, (10, 0))`` describes an SM100 GPU on a CPU machine.
 ``device_info(device)`` reads it from a real device.
 """

@@ -3,9 +3,9 @@
 Runs wherever ``torch._grouped_mm`` does (CPU, any CUDA GPU). With power-of-two scales the
 dequantized operands are exact in bf16 and their products exact in fp32, so the result is
 the FP8 / MXFP8 scaled GEMM up to fp32 accumulation order, rounded to bf16 like the
-hardware kernels' output (see moeq/quant/mxfp8.py for the argument and its one caveat).
+hardware kernels' output (see moeq/numerics/mxfp8.py for the argument and its one caveat).
 
-The three functions are the kernel interface of moeq/quant/dispatch.py: forward
+The three functions are the kernel interface of moeq/ops/registry.py: forward
 ``a @ b[e].T``, input gradient ``grad_out @ b[e]``, weight gradient
 ``grad_out[group e].T @ a[group e]``. Outputs follow the dispatch contract: rows at or
 past ``offs[-1]`` are zero; weight gradients of empty groups are zero.
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from moeq.quant.fp8_rowwise import fp8_per_group_colwise_fake_quantize, fp8_rowwise_fake_quantize
-from moeq.quant.groups import zero_slack_rows
-from moeq.quant.mxfp8 import mxfp8_fake_quantize, mxfp8_fake_quantize_token_groups
-from moeq.recipes import QuantizationType
+from moeq.numerics.fp8_rowwise import fp8_per_group_colwise_fake_quantize, fp8_rowwise_fake_quantize
+from moeq.numerics.groups import zero_slack_rows
+from moeq.numerics.mxfp8 import mxfp8_fake_quantize, mxfp8_fake_quantize_token_groups
+from moeq.numerics.recipes import QuantizationType
 
 _BF16 = torch.bfloat16
 

@@ -9,7 +9,7 @@ token group ``g``,
 
 with all six GEMMs (two forward, two dgrad, two wgrad) in FP8 e4m3 with one power-of-two
 float32 scale per row along each GEMM's contraction dim (the numerics of
-moeq/quant/fp8_rowwise.py, bitwise). The forward and input-gradient GEMMs are moeq's own
+moeq/numerics/fp8_rowwise.py, bitwise). The forward and input-gradient GEMMs are moeq's own
 M-grouped FP8 GEMM (kernels/fp8_gemm.py: device-side tile schedule, TMA loads, slack rows
 written as zeros in the same launch); the two weight-gradient GEMMs are
 ``torch._scaled_grouped_mm`` (faster than moeq's K-grouped kernel on these shapes, measured:
@@ -57,7 +57,7 @@ ops under compile).
 Weight quantization once per optimizer step: ``quantize_fp8_expert_weights`` makes both
 FP8 copies of both weights with the same passes the Function runs; passing its result as
 ``quantized_weights=`` skips those passes and gives bitwise the same results. Under
-gradient accumulation ``moeq.quantized_weight_cache`` (moeq/weight_cache.py) does this for
+gradient accumulation ``moeq.quantized_weight_cache`` (moeq/experts/weight_cache.py) does this for
 converted models, with a check that the weights did not change.
 """
 from __future__ import annotations
@@ -193,7 +193,7 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
         torch._assert_async(
             xq.offs_ok,
             "fp8_swiglu_experts: offs must be non-decreasing int32 group ends, each a multiple of "
-            "GROUP_ALIGNMENT[FP8] and <= x.shape[0]: pad token groups (moeq.padding) first",
+            "GROUP_ALIGNMENT[FP8] and <= x.shape[0]: pad token groups (moeq.ops.padding) first",
         )
         gate_up = _gemm(xq.row, wgu_row, xq.row_inv, wgu_row_inv, offs)  # (M, 2H)
         hq = _s.swiglu_quantize_strips(gate_up, offs, colwise=need_down)
@@ -324,7 +324,7 @@ def fp8_routed_swiglu_experts(
     Returns:
         (T, D) bfloat16. Differentiable w.r.t. tokens, expert_weights and both weights.
     """
-    from moeq.padding import combine_token_groups, permute_and_pad
+    from moeq.ops.padding import combine_token_groups, permute_and_pad
 
     if tokens.dtype != torch.bfloat16:
         raise TypeError(f"fp8_routed_swiglu_experts needs bfloat16 tokens, got {tokens.dtype}: cast them, or use "

@@ -5,7 +5,7 @@ computes the input gradient ``grad_out[g] @ b[e]`` and the weight gradient
 ``grad_out[g].T @ a[g]``. For quantized recipes each GEMM quantizes its two operands
 along its own contraction dim (K, N, and the tokens of each group, respectively);
 docs/recipes.md states the numerics. The kernel doing the GEMMs is chosen per call
-(moeq/quant/dispatch.py).
+(moeq/ops/registry.py).
 """
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from typing import Optional
 
 import torch
 
-from moeq.quant.dispatch import KERNEL_AUTO, get_kernel, select_kernel
-from moeq.quant.fp8_rowwise import FP8_DTYPE
-from moeq.quant.mxfp8 import MX_BLOCK_SIZE
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType, RecipeLike, parse_recipe
-from moeq.validation import NonFiniteError
-from moeq.validation import device_check as _check
+from moeq.ops.registry import KERNEL_AUTO, get_kernel, select_kernel
+from moeq.numerics.fp8_rowwise import FP8_DTYPE
+from moeq.numerics.mxfp8 import MX_BLOCK_SIZE
+from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType, RecipeLike, parse_recipe
+from moeq.numerics.validation import NonFiniteError
+from moeq.numerics.validation import device_check as _check
 
 # The operand dtypes every recipe's grouped GEMMs take (convert_model refuses other
 # expert-weight dtypes at conversion).
@@ -120,7 +120,7 @@ def _validate_offsets(offs: torch.Tensor, num_rows: int, qtype: QuantizationType
         _check(
             (offs[:-1] % align == 0).all(),
             f"{qtype.value} needs every expert group to start at a multiple of {align} rows "
-            f"(GROUP_ALIGNMENT); pad the token groups (moeq.padding.pad_token_groups)",
+            f"(GROUP_ALIGNMENT); pad the token groups (moeq.ops.padding.pad_token_groups)",
         )
 
 
@@ -206,7 +206,7 @@ def quantized_grouped_mm(
             quantize, dequantize, bf16 grouped GEMM; CPU and any GPU), "torch"
             (torch._scaled_grouped_mm FP8 on SM90/SM100), "torchao" (torchao's FP8 rowwise
             on SM90/SM100 and MXFP8: native on SM100, emulated elsewhere), or any name
-            registered in moeq.quant.dispatch. A kernel that cannot run on the device
+            registered in moeq.ops.registry. A kernel that cannot run on the device
             raises RuntimeError naming the ones that can.
         check_finite: raise on NaN/Inf in a, b and (backward) grad_out. Default: on CPU
             in eager mode only (a host read). True on CUDA adds device-side asserts

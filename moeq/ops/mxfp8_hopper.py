@@ -5,7 +5,7 @@ MXFP8 numerics (e4m3 data, e8m0 RCEIL scales per 32 elements along the contracti
 fp32 accumulation): each operand is fake-quantized along its GEMM's contraction dim and
 the GEMM runs as a BF16 ``torch._grouped_mm``. That is exact, not an approximation: an
 e4m3 value times a power of two is a bf16 value and the product of two is exact in fp32
-(moeq/quant/mxfp8.py), so only the fp32 accumulation order differs from an MXFP8 tensor-
+(moeq/numerics/mxfp8.py), so only the fp32 accumulation order differs from an MXFP8 tensor-
 core GEMM; it is the same math as torchao's ``KernelPreference.EMULATED`` mode, at BF16
 GEMM speed, plus the memory-bound passes of moeq/kernels/mxfp8_hopper.py.
 
@@ -31,7 +31,7 @@ CPU they are the plain-torch references, which the kernels match bitwise.
 Weight quantization once per optimizer step: ``quantize_mxfp8_expert_weights`` makes both
 copies of both weights with the same pass the Function runs; passing its result as
 ``quantized_weights=`` skips that pass and gives bitwise the same results. Under gradient
-accumulation ``moeq.quantized_weight_cache`` (moeq/weight_cache.py) does this for converted
+accumulation ``moeq.quantized_weight_cache`` (moeq/experts/weight_cache.py) does this for converted
 models, with a check that the weights did not change.
 """
 from __future__ import annotations
@@ -42,10 +42,10 @@ from typing import NamedTuple, Optional
 import torch
 
 from moeq.kernels import mxfp8_hopper as _k
-from moeq.padding import combine_token_groups, route_tokens
-from moeq.quant.groups import zero_slack_rows
-from moeq.quant.mxfp8 import MX_BLOCK_SIZE, mxfp8_fake_quantize
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
+from moeq.ops.padding import combine_token_groups, route_tokens
+from moeq.numerics.groups import zero_slack_rows
+from moeq.numerics.mxfp8 import MX_BLOCK_SIZE, mxfp8_fake_quantize
+from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType
 
 _ALIGN = GROUP_ALIGNMENT[QuantizationType.MXFP8]
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

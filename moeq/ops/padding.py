@@ -18,8 +18,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from moeq.eager_ops import eager_fast_op
-from moeq.validation import check_int
+from moeq.ops.eager import eager_fast_op
+from moeq.numerics.validation import check_int
 from moeq.kernels import padding as _k
 
 __all__ = [
@@ -384,7 +384,7 @@ def _combine_backward(ctx, grad_out):
 _combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
 
 # What the public functions and the backward functions call: the ops' implementations
-# directly in plain eager mode (see moeq.eager_ops), the custom ops otherwise.
+# directly in plain eager mode (see moeq.ops.eager), the custom ops otherwise.
 _pad = eager_fast_op(_pad_op, _pad_impl, _pad_backward, _pad_setup)
 _pad_rows = eager_fast_op(_pad_rows_op, _pad_rows_impl)
 _unpad = eager_fast_op(_unpad_op, _unpad_impl, _unpad_backward, _unpad_setup)
@@ -489,7 +489,7 @@ def route_tokens(expert_indices: Tensor, num_experts: int, alignment: Optional[i
     """The :class:`PaddedLayout` that :func:`permute_and_pad` would build, without moving rows.
 
     For kernels that gather tokens into the padded layout themselves (e.g. fused with
-    quantization: ``moeq.quant.mxfp8_hopper.mxfp8_routed_swiglu_experts``).
+    quantization: ``moeq.ops.mxfp8_hopper.mxfp8_routed_swiglu_experts``).
 
     Args:
         expert_indices: (T, k) integer routing, entries in [0, num_experts).

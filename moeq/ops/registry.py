@@ -6,7 +6,7 @@ tensors and doing its own quantization (so fast kernels can fuse it). It comes i
 two forms:
 
 * **per GEMM** (moeq's own kernels): three functions that moeq's autograd function
-  (moeq/quant/grouped_mm.py) calls,
+  (moeq/ops/grouped_mm.py) calls,
 
   * ``forward(a, b, offs, qtype)``: a (M, K), b (E, N, K) -> (M, N), ``a[g] @ b[e].T``;
   * ``dgrad(grad_out, b, offs, qtype)``: (M, N), (E, N, K) -> (M, K), ``grad_out[g] @ b[e]``;
@@ -19,12 +19,12 @@ two forms:
 
 Contract for both: outputs in bf16 (or any float dtype; the caller casts), rows at or past
 ``offs[-1]`` zero in forward/dgrad, zero weight gradients for empty groups, no host
-syncs. Inputs arrive validated (shapes, dtypes, alignments: moeq/quant/grouped_mm.py).
+syncs. Inputs arrive validated (shapes, dtypes, alignments: moeq/ops/grouped_mm.py).
 
 Built-in kernels: ``"emulated"`` (quantize/dequantize + ``torch._grouped_mm``; CPU and
 any GPU; every recipe), ``"torch"`` (``torch._scaled_grouped_mm`` FP8 rowwise on
 SM90/SM100; BF16 via ``torch._grouped_mm``) and ``"torchao"`` (torchao's FP8 rowwise and
-MXFP8 grouped GEMMs, a whole-op kernel: moeq/quant/torchao_kernel.py, which imports
+MXFP8 grouped GEMMs, a whole-op kernel: moeq/ops/torchao_kernel.py, which imports
 torchao only when that kernel is asked whether it can run, or runs). Other modules add
 kernels with ``register_kernel``; list a module that registers on import in
 ``KERNEL_PLUGIN_MODULES`` so selection imports it first (the first selection must then
@@ -55,11 +55,11 @@ from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Un
 
 import torch
 
-from moeq.quant import emulated as _emulated
-from moeq.quant import scaled_mm as _scaled
-from moeq.quant import torchao_kernel as _torchao  # light: torchao itself loads on first use
-from moeq.quant.device import DeviceInfo, DeviceLike, device_info
-from moeq.recipes import QuantizationType, RecipeLike, parse_recipe
+from moeq.ops import emulated as _emulated
+from moeq.ops import scaled_mm as _scaled
+from moeq.ops import torchao_kernel as _torchao  # light: torchao itself loads on first use
+from moeq.ops.device import DeviceInfo, DeviceLike, device_info
+from moeq.numerics.recipes import QuantizationType, RecipeLike, parse_recipe
 
 KERNEL_AUTO = "auto"
 KERNEL_EMULATED = "emulated"

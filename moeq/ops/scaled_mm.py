@@ -1,6 +1,6 @@
 """The "torch" grouped GEMMs: FP8 rowwise through ``torch._scaled_grouped_mm`` (SM90/SM100).
 
-Operands are quantized in plain torch (moeq/quant/fp8_rowwise.py) and handed to the
+Operands are quantized in plain torch (moeq/numerics/fp8_rowwise.py) and handed to the
 cuBLAS/CUTLASS scaled grouped GEMM with their float32 dequantization scales; its output
 is bf16. ``use_fast_accum=True`` as torchao does: Hopper's FP8 tensor cores then
 accumulate without periodic fp32 promotion, an error far below the e4m3 rounding's.
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from moeq.quant.fp8_rowwise import fp8_per_group_colwise_quantize, fp8_rowwise_quantize
-from moeq.quant.groups import pad_rows, round_up_last_offset, zero_slack_rows
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
+from moeq.numerics.fp8_rowwise import fp8_per_group_colwise_quantize, fp8_rowwise_quantize
+from moeq.numerics.groups import pad_rows, round_up_last_offset, zero_slack_rows
+from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType
 
 _OUT_DTYPE = torch.bfloat16  # the only output dtype torch._scaled_grouped_mm supports
 _FAST_ACCUM = True

@@ -1,6 +1,6 @@
 """The "torchao" grouped-GEMM kernel: torchao's own FP8 rowwise and MXFP8 grouped GEMMs.
 
-moeq.quant.dispatch registers these functions as ``kernel="torchao"``. Importing this
+moeq.ops.registry registers these functions as ``kernel="torchao"``. Importing this
 module is cheap: torchao itself is imported only when the kernel is asked whether it can
 run, or runs.
 
@@ -23,7 +23,7 @@ backward compute both gradients. Nothing of torchao's numerics is re-implemented
 * MXFP8, emulated (``KernelPreference.EMULATED``): everywhere else (CPU, any CUDA GPU):
   torchao's ``to_mx`` quantization, dequantization to bf16 and a bf16
   ``torch._grouped_mm``. Only chosen by an explicit ``kernel="torchao"``; on a GPU it
-  warns once that it is emulated (moeq.quant.dispatch). torchao's SM100 path is never
+  warns once that it is emulated (moeq.ops.registry). torchao's SM100 path is never
   called elsewhere: on SM90 its kernels are absent (torchao asserts) and the MXFP8
   ``torch._scaled_grouped_mm`` kills the CUDA context.
 * FP8 rowwise: torchao has no emulated mode; its quantizers are Triton CUDA kernels and
@@ -51,10 +51,10 @@ from typing import Optional
 
 import torch
 
-from moeq.quant.device import DeviceInfo, device_info
-from moeq.quant.groups import group_sizes
-from moeq.quant.mxfp8 import MX_BLOCK_SIZE
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
+from moeq.ops.device import DeviceInfo, device_info
+from moeq.numerics.groups import group_sizes
+from moeq.numerics.mxfp8 import MX_BLOCK_SIZE
+from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType
 
 FP8, MXFP8 = QuantizationType.FP8, QuantizationType.MXFP8
 

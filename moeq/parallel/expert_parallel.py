@@ -2,7 +2,7 @@
 
 ``apply_expert_parallel(model, mesh)`` shards the routed experts of every ``moeq.MoE``
 (converted by ``moeq.convert_model`` or not) and of every converted transformers experts
-module (moeq/parallel/hf_experts.py) over ``mesh["ep"]`` as DTensors
+module (moeq/integrations/transformers/expert_parallel.py) over ``mesh["ep"]`` as DTensors
 (``Shard(0)``: global expert ``e`` lives on EP rank ``e // (E / ep)``), and gives each MoE
 an :class:`ExpertParallelDispatcher`. Per step and per MoE the dispatcher:
 
@@ -14,7 +14,7 @@ an :class:`ExpertParallelDispatcher`. Per step and per MoE the dispatcher:
    rows, writes them straight into the local experts' expert-major layout, padded to the
    recipe's ``GROUP_ALIGNMENT`` (the fused dispatch);
 4. runs the local experts with ``group_alignment=a``, so converted experts do not pad
-   again (moeq.padding_policy);
+   again (moeq.experts.padding_policy);
 5. gathers the outputs back to all-to-all order in one pass, sends them home with the
    reverse ``all_to_all_single`` and combines each token's k outputs, weighted.
 
@@ -23,7 +23,7 @@ the other's forward (gradients travel in the activations' precision).
 
 With ``quantize_dispatch=True`` and FP8/MXFP8 experts, step 3 sends quantized rows: each
 row is quantized along D with the experts' recipe and packed with its scales into one
-uint8 row (moeq/parallel/quantized_dispatch.py), one all-to-all moves them, and the
+uint8 row (moeq/ops/quantized_dispatch.py), one all-to-all moves them, and the
 receiver's gather pass dequantizes them into the padded layout (exact values, which the
 experts' own quantization along D reproduces), in the activations' dtype. Its backward is
 step 3's, in the gradient's dtype.
@@ -36,13 +36,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moeq import padding as _padding  # registers the torch.ops.moeq row ops
-from moeq.experts import GroupedExperts, run_on_trusted_counts
-from moeq.moe import MoE
+from moeq.ops import padding as _padding  # registers the torch.ops.moeq row ops
+from moeq.nn.experts import GroupedExperts, run_on_trusted_counts
+from moeq.nn.moe import MoE
 from moeq.parallel.dispatch_plan import DispatchPlan, build_plan
-from moeq.parallel.quantized_dispatch import QUANTIZED_RECIPES, pack_rows, unpack_to_padded
-from moeq.recipes import group_alignment, parse_recipe
-from moeq.validation import check_int, check_module
+from moeq.ops.quantized_dispatch import QUANTIZED_RECIPES, pack_rows, unpack_to_padded
+from moeq.numerics.recipes import group_alignment, parse_recipe
+from moeq.numerics.validation import check_int, check_module
 
 EP_DIM = "ep"
 
@@ -301,7 +301,7 @@ def _find_and_check(model: nn.Module, ep: int, fused: bool, quantize_dispatch: b
             "dequantized straight into the experts' padded layout by the fused dispatch"
         )
     from moeq.integrations import find_adapter  # local: the adapters import torchao
-    from moeq.parallel.hf_experts import check_hf_experts, find_hf_experts
+    from moeq.integrations.transformers.expert_parallel import check_hf_experts, find_hf_experts
 
     moes = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, MoE)]
     inside = {id(m.experts) for _, m in moes}
@@ -413,7 +413,7 @@ def apply_expert_parallel(
     model and before building the optimizer (expert parameters are replaced by DTensor
     parameters). For ``moeq.MoE`` layers ``moeq.convert_model`` may be called before or
     after; transformers 5.x experts modules (``@use_experts_implementation``) must be
-    converted first (any recipe, ``"bf16"`` included; see moeq/parallel/hf_experts.py):
+    converted first (any recipe, ``"bf16"`` included; see moeq/integrations/transformers/expert_parallel.py):
     their weights and per-expert biases are sharded and their converted forward sends the
     tokens through the dispatcher. Each EP rank
     keeps E/ep experts (global expert e on EP rank ``e // (E / ep)``); routers and

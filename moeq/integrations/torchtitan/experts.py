@@ -11,7 +11,7 @@ forward:
 
 * treats rows past the last group as slack: they come out zero and get zero gradient;
 * reads the dispatcher's ``pad_multiple`` at conversion (``moeq_incoming_alignment``) and
-  pads only when the recipe needs more (moeq.padding_policy);
+  pads only when the recipe needs more (moeq.experts.padding_policy);
 * reads the module's parameters on every call (``to_local()`` of torchtitan's DTensor
   shards under its expert parallelism or FSDP), so torchtitan may swap them after
   conversion;
@@ -30,10 +30,10 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from moeq.expert_gemms import align_token_groups, grouped_swiglu_experts, per_gemm_kernel, restore_token_groups
+from moeq.experts.gemms import align_token_groups, grouped_swiglu_experts, per_gemm_kernel, restore_token_groups
 from moeq.integrations.base import ExpertsAdapter, local_parameters
-from moeq.quant.grouped_mm import quantized_grouped_mm
-from moeq.quant.groups import row_group_ids, zero_slack_rows
+from moeq.ops.grouped_mm import quantized_grouped_mm
+from moeq.numerics.groups import row_group_ids, zero_slack_rows
 
 _EP_UNSUPPORTED = (
     "use torchtitan's own expert parallelism (parallelism.expert_parallel_degree): its token dispatcher "

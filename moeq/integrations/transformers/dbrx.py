@@ -15,11 +15,11 @@ from typing import Dict
 import torch
 from torch import Tensor, nn
 
-from moeq.expert_gemms import routed_swiglu_experts
+from moeq.experts.gemms import routed_swiglu_experts
 from moeq.integrations.base import ExpertsAdapter, is_silu
-from moeq.integrations.grouped_layers import gated_experts, routed_experts
-from moeq.integrations.transformers import EP_ONLY_DECORATED, is_transformers_class
-from moeq.padding_policy import local_tensor as _local
+from moeq.integrations.transformers.grouped_layers import gated_experts, routed_experts
+from moeq.integrations.transformers.experts import EP_ONLY_DECORATED, is_transformers_class
+from moeq.experts.padding_policy import local_tensor as _local
 
 
 class DbrxExpertsAdapter(ExpertsAdapter):

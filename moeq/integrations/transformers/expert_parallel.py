@@ -6,7 +6,7 @@ OLMoE, DeepSeek-V3, GPT-OSS, ...) receives each layer's routing from its MoE blo
 ``moeq.apply_expert_parallel`` its per-expert weights (and biases) become DTensors
 sharded ``Shard(0)`` over ``mesh["ep"]`` and it gets an
 :class:`~moeq.parallel.expert_parallel.ExpertParallelDispatcher` in
-``moeq_expert_dispatcher``; the converted forward (moeq/integrations/transformers.py)
+``moeq_expert_dispatcher``; the converted forward (moeq/integrations/transformers/experts.py)
 hands its tokens to the dispatcher, which runs ``HFLocalExperts`` on the tokens it laid
 out for this rank's experts. The router stays replicated, as for ``moeq.MoE``.
 
@@ -21,8 +21,8 @@ from typing import List
 
 from torch import nn
 
-from moeq.converted import ConvertedExperts
-from moeq.integrations.transformers import EXPERT_PARAMETERS, TRANSFORMERS_EXPERTS
+from moeq.experts.converted import ConvertedExperts
+from moeq.integrations.transformers.experts import EXPERT_PARAMETERS, TRANSFORMERS_EXPERTS
 
 __all__ = ["EXPERT_PARAMETERS", "check_hf_experts", "find_hf_experts"]
 

@@ -6,10 +6,10 @@ module's flags (``has_gate``, ``has_bias``, ``is_transposed``, ``is_concatenated
 its ``_apply_gate`` / ``act_fn`` say how its weights compute. The converted forward goes
 from the routing straight to the recipe's padded layout (one ``permute_and_pad``), so it
 never pads again. Plain SwiGLU experts take the fused SwiGLU path of moeq.GroupedExperts
-(moeq.expert_gemms); the rest (biases, transposed or interleaved weights, other
+(moeq.experts.gemms); the rest (biases, transposed or interleaved weights, other
 activations, a post-expert norm: GPT-OSS) run per GEMM.
 
-Under ``moeq.apply_expert_parallel`` (setup: moeq/parallel/hf_experts.py) the module
+Under ``moeq.apply_expert_parallel`` (setup: moeq/integrations/transformers/expert_parallel.py) the module
 holds an ``ExpertParallelDispatcher`` in ``moeq_expert_dispatcher``; the converted forward
 hands it the tokens and :class:`HFLocalExperts` (its experts interface), which computes
 on this rank's expert shard.
@@ -30,14 +30,14 @@ from typing import Dict, Optional
 
 from torch import Tensor, nn
 
-from moeq import padding as _padding
-from moeq.expert_gemms import routed_swiglu_experts, swiglu_experts_quantized
-from moeq.experts import group_end_offsets, swiglu_experts
+from moeq.ops import padding as _padding
+from moeq.experts.gemms import routed_swiglu_experts, swiglu_experts_quantized
+from moeq.experts.swiglu import group_end_offsets, swiglu_experts
 from moeq.integrations.base import ExpertsAdapter, is_silu, local_parameters
-from moeq.integrations.grouped_layers import gemm_kernel, grouped_linear, row_experts
-from moeq.padding_policy import local_tensor as _local
-from moeq.recipes import QuantizationType
-from moeq.weight_cache import module_weight_cache
+from moeq.integrations.transformers.grouped_layers import gemm_kernel, grouped_linear, row_experts
+from moeq.experts.padding_policy import local_tensor as _local
+from moeq.numerics.recipes import QuantizationType
+from moeq.experts.weight_cache import module_weight_cache
 
 # Why moeq.apply_expert_parallel refuses the families without @use_experts_implementation.
 EP_ONLY_DECORATED = (

@@ -1,9 +1,9 @@
 """The building blocks the transformers adapters share: one grouped linear layer, a gated
 experts MLP and the routed block around it, each in a recipe's numerics.
 
-Families whose math moeq.expert_gemms' SwiGLU does not cover (biases, other
+Families whose math moeq.experts.gemms' SwiGLU does not cover (biases, other
 activations, per-expert module lists, zero-compute experts) compose these; plain SwiGLU
-experts go straight to ``moeq.expert_gemms`` (its fused Hopper paths included).
+experts go straight to ``moeq.experts.gemms`` (its fused Hopper paths included).
 """
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from moeq import padding as _padding
-from moeq.expert_gemms import per_gemm_kernel, swiglu_experts_quantized
-from moeq.experts import group_end_offsets, grouped_mm
+from moeq.ops import padding as _padding
+from moeq.experts.gemms import per_gemm_kernel, swiglu_experts_quantized
+from moeq.experts.swiglu import group_end_offsets
+from moeq.ops.bf16_grouped_mm import grouped_mm
 from moeq.integrations.base import is_silu
-from moeq.quant.grouped_mm import quantized_grouped_mm
-from moeq.quant.groups import row_group_ids
-from moeq.recipes import QuantizationType, group_alignment
+from moeq.ops.grouped_mm import quantized_grouped_mm
+from moeq.numerics.groups import row_group_ids
+from moeq.numerics.recipes import QuantizationType, group_alignment
 
 
 def grouped_linear(

@@ -38,10 +38,10 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from torch import nn
 
-from moeq.quant.dispatch import KERNEL_AUTO
-from moeq.recipes import QuantizationType
+from moeq.ops.registry import KERNEL_AUTO
+from moeq.numerics.recipes import QuantizationType
 
-# The experts_implementation names, one per recipe (recipe names live in moeq.recipes).
+# The experts_implementation names, one per recipe (recipe names live in moeq.numerics.recipes).
 IMPLEMENTATIONS: Dict[str, QuantizationType] = {f"moeq_{q.value}": q for q in QuantizationType}
 
 # The config key the choice is saved under: transformers' config constructor reads it.
@@ -60,7 +60,7 @@ def implementation_recipe(name) -> Optional[QuantizationType]:
 
 def _experts_forward(qtype: QuantizationType):
     def forward(module: nn.Module, *args, **kwargs):
-        from moeq.convert import convert_experts_module
+        from moeq.integrations.conversion import convert_experts_module
         from moeq.integrations import find_adapter
 
         adapter = find_adapter(module)
@@ -153,7 +153,7 @@ def apply_experts_implementation(model: nn.Module, requested=None) -> None:
             cannot convert (named); nothing is changed then.
         RuntimeError: switching a module sharded by moeq.apply_expert_parallel back.
     """
-    from moeq.convert import check_convertible, convert_experts_module, parent_module, unconvert_experts_module
+    from moeq.integrations.conversion import check_convertible, convert_experts_module, parent_module, unconvert_experts_module
 
     found = _governed_experts(model)
     if isinstance(requested, str) and any(

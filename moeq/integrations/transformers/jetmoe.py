@@ -6,7 +6,7 @@ projections) from ``JetMoeParallelExperts``: one grouped linear layer, ``weight`
 called as ``experts(inputs (M, K) rows in expert order, expert_size)`` with the group
 sizes as a list of ints (JetMoE's router reads them on the host). Every one of them is
 converted: one grouped GEMM in the recipe, its groups padded for the recipe (and the
-output unpadded) only when the recipe needs it (moeq.padding_policy).
+output unpadded) only when the recipe needs it (moeq.experts.padding_policy).
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from typing import Dict, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from moeq.expert_gemms import align_token_groups, restore_token_groups
+from moeq.experts.gemms import align_token_groups, restore_token_groups
 from moeq.integrations.base import ExpertsAdapter
-from moeq.integrations.grouped_layers import gemm_kernel, grouped_linear
-from moeq.integrations.transformers import EP_ONLY_DECORATED, is_transformers_class
-from moeq.padding_policy import local_tensor as _local
+from moeq.integrations.transformers.grouped_layers import gemm_kernel, grouped_linear
+from moeq.integrations.transformers.experts import EP_ONLY_DECORATED, is_transformers_class
+from moeq.experts.padding_policy import local_tensor as _local
 
 
 class JetMoeExpertsAdapter(ExpertsAdapter):

@@ -18,13 +18,13 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from moeq import padding as _padding
-from moeq.experts import group_end_offsets
+from moeq.ops import padding as _padding
+from moeq.experts.swiglu import group_end_offsets
 from moeq.integrations.base import ExpertsAdapter
-from moeq.integrations.grouped_layers import gemm_kernel, grouped_linear, routed_experts, row_experts
-from moeq.integrations.transformers import EP_ONLY_DECORATED, is_transformers_class
-from moeq.padding_policy import local_tensor as _local
-from moeq.recipes import group_alignment
+from moeq.integrations.transformers.grouped_layers import gemm_kernel, grouped_linear, routed_experts, row_experts
+from moeq.integrations.transformers.experts import EP_ONLY_DECORATED, is_transformers_class
+from moeq.experts.padding_policy import local_tensor as _local
+from moeq.numerics.recipes import group_alignment
 
 
 class _ModuleListAdapter(ExpertsAdapter):

@@ -14,13 +14,13 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from moeq.expert_gemms import routed_swiglu_experts
+from moeq.experts.gemms import routed_swiglu_experts
 from moeq.integrations.base import is_silu
-from moeq.integrations.grouped_layers import gated_experts, routed_experts
-from moeq.integrations.transformers import EP_ONLY_DECORATED, TransformersExpertsAdapter, is_transformers_class
-from moeq.padding_policy import local_tensor as _local
-from moeq.quant.groups import row_group_ids
-from moeq.weight_cache import module_weight_cache
+from moeq.integrations.transformers.grouped_layers import gated_experts, routed_experts
+from moeq.integrations.transformers.experts import EP_ONLY_DECORATED, TransformersExpertsAdapter, is_transformers_class
+from moeq.experts.padding_policy import local_tensor as _local
+from moeq.numerics.groups import row_group_ids
+from moeq.experts.weight_cache import module_weight_cache
 
 
 class Step3p7ExpertsAdapter(TransformersExpertsAdapter):
