@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moeq.ops import dispatch
+from moeq.ops import registry as dispatch
 from moeq.numerics.fp8_rowwise import (
     AMAX_EPS,
     FP8_MAX,

@@ -19,7 +19,7 @@ import warnings
 import pytest
 import torch
 
-from moeq.ops import dispatch
+from moeq.ops import registry as dispatch
 from moeq.ops import torchao_kernel as tk
 from moeq.ops.device import DeviceInfo
 from moeq.ops.registry import EmulatedKernelWarning
