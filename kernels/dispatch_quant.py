@@ -31,13 +31,15 @@ on the GPU the hardware casts (``cvt.rn``) do the same thing.
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
 from torch import Tensor
 
-from moeq.kernels.padding import HAS_TRITON, _gather_rows_or_zero
+from moeq.kernels.common import HAS_TRITON
+from moeq.kernels.common import INTERPRET as _INTERPRET
+from moeq.kernels.common import next_pow2 as _next_pow2
+from moeq.kernels.padding import _gather_rows_or_zero
 from moeq.numerics.fp8_rowwise import AMAX_EPS, fp8_dequantize, fp8_rowwise_quantize
 from moeq.numerics.mxfp8 import MX_BLOCK_SIZE, mxfp8_dequantize, mxfp8_quantize
 from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType, parse_recipe
@@ -69,8 +71,6 @@ _FP8_SCALE_BYTES = 4  # one float32 per row
 _E4M3 = torch.float8_e4m3fn
 _BF16 = torch.bfloat16
 
-# Read once at import: Triton decides interpretation when it is imported.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _AMAX_EPS_BITS = int(torch.tensor(AMAX_EPS, dtype=torch.float32).view(torch.int32))
 
 
@@ -312,9 +312,6 @@ if HAS_TRITON:
         bits = tl.where(m, bits, 0)  # padding rows: +0
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], bits, mask=row_ok[:, None] & cmask)
 
-
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _tiles(dim: int):

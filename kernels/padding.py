@@ -32,15 +32,8 @@ from torch import Tensor
 
 from moeq.kernels.launch import CachedLauncher
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton ships with torch on Linux x86-64
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from moeq.kernels.common import HAS_TRITON, tl, triton
+from moeq.kernels.common import next_pow2 as _next_pow2
 
 __all__ = [
     "HAS_TRITON",
@@ -697,9 +690,6 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
-
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _block_e(num_groups: int) -> int:

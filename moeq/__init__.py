@@ -48,6 +48,10 @@ def __getattr__(name):
         from moeq.convert import convert_model
 
         return convert_model
+    if name == "plan":
+        from moeq.convert import plan
+
+        return plan
     if name == "apply_expert_parallel":
         from moeq.parallel import apply_expert_parallel
 
@@ -77,6 +81,7 @@ __all__ = [
     "padded_rows",
     "parse_recipe",
     "permute_and_pad",
+    "plan",
     "quantized_grouped_mm",
     "quantized_weight_cache",
     "set_aux_loss_scale",

@@ -8,22 +8,25 @@ call, so a parallelizer may still replace them (DTensor shards) afterwards.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
 from moeq.experts.converted import ConvertedExperts
 from moeq.integrations import family_names, find_adapter, unsupported_experts
+from moeq.experts.plan import PLAN_ATTR, ModelPlan, ModulePlan, module_plan
 from moeq.integrations.conversion import (
     check_convertible,
     check_dims,
     check_dtypes,
     convert_experts_module,
     parent_module,
+    plan_experts_module,
     unconvert_experts_module,
 )
-from moeq.ops.registry import KERNEL_AUTO, KERNEL_TRITON, get_kernel, kernel_names
 from moeq.numerics.recipes import QuantizationType, RecipeLike, parse_recipe
+from moeq.ops.registry import check_kernel_choice
 from moeq.numerics.validation import check_convert_args
 
 FilterLike = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
@@ -40,20 +43,15 @@ __all__ = [
     "convert_model",
     "find_experts",
     "parent_module",
+    "plan",
+    "plan_found",
     "unconvert_experts_module",
 ]
 
 def check_kernel(kernel: str) -> str:
-    """Return ``kernel`` if convert_model knows it, else raise ValueError naming the choices."""
-    if kernel not in (KERNEL_AUTO, KERNEL_TRITON):
-        try:
-            get_kernel(kernel)
-        except ValueError:
-            raise ValueError(
-                f"unknown kernel {kernel!r}: use 'auto', 'triton' (fused SM90 experts) or a per-GEMM kernel "
-                f"({', '.join(repr(k) for k in kernel_names() if k != KERNEL_AUTO)})"
-            ) from None
-    return kernel
+    """Return ``kernel`` if convert_model knows it ("auto" or a registered kernel), else
+    raise ValueError naming the choices."""
+    return check_kernel_choice(kernel)
 
 
 def _matches(fqn: str, module: nn.Module, filter_fqns: FilterLike) -> bool:
@@ -114,33 +112,98 @@ def convert_model(
             kernels; SM90 only), or a per-GEMM kernel from
             ``moeq.ops.registry.kernel_names()``.
     Returns:
-        ``model``, with ``model.moeq_converted_fqns`` listing the converted modules.
+        ``model``, with ``model.moeq_converted_fqns`` listing the converted modules and
+        ``model.moeq_plan`` (a ``ModelPlan``, what ``moeq.plan`` prints) their plans:
+        every module keeps its own (``module.moeq_plan``), which its forward, backward
+        and the EP dispatch read.
     Raises:
         ValueError: unknown recipe or kernel, nothing matched, or a dim not divisible by
             the recipe's alignment (names the module, the dim and the multiple).
         TypeError: an experts module of a layout moeq does not know or cannot convert
             (torchtitan's fused ``w13``, Doge's vector experts), or an expert weight
             dtype moeq's GEMMs do not take (float16): each names the module and why.
+        RuntimeError: a kernel that cannot run on the weights' device (names the ones
+            that can).
     """
+    qtype, found = _find_for(model, recipe, kernel, filter_fqns, "convert_model")
+    convert_found(model, found, qtype, kernel)
+    return model
+
+
+def _find_for(model, recipe, kernel, filter_fqns, who: str):
     filter_fqns = check_convert_args(model, filter_fqns)  # a str is one FQN substring
     qtype = parse_recipe(recipe)
     check_kernel(kernel)
     found = find_experts(model, filter_fqns)
     if not found:
         what = "routed-experts modules" if filter_fqns is None else f"experts modules matching filter_fqns={filter_fqns!r}"
-        raise ValueError(
-            f"convert_model found no {what} in {type(model).__name__}: it converts {family_names()}"
-        )
-    convert_found(model, found, qtype, kernel)
-    return model
+        raise ValueError(f"{who} found no {what} in {type(model).__name__}: it converts {family_names()}")
+    return qtype, found
+
+
+def plan(
+    model: nn.Module,
+    recipe: Optional[RecipeLike] = None,
+    *,
+    kernel: str = "auto",
+    filter_fqns: FilterLike = None,
+    device: Optional[torch.device] = None,
+) -> ModelPlan:
+    """What ``convert_model(model, recipe, kernel=kernel, filter_fqns=...)`` would run, per
+    experts module, without converting anything: the modules, the kernel of every GEMM on
+    the weights' device (and why), who pads token groups, what runs with emulated
+    numerics and the faster option where there is one. ``print()`` it.
+
+    Args:
+        model: any nn.Module. recipe: as :func:`convert_model`; None reports the plans
+            of an already converted model (``model.moeq_plan``'s modules, current
+            device). kernel, filter_fqns: as :func:`convert_model`.
+        device: plan for this device instead of the weights' (e.g. a model built on
+            the meta device, planned for ``cuda``); the plans conversion stores are
+            always for the weights' device.
+    Returns:
+        A ``ModelPlan``: the same plans conversion stores (``model.moeq_plan``).
+    Raises:
+        As :func:`convert_model` (every check runs; nothing changes).
+    """
+    if recipe is None:
+        converted = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, ConvertedExperts)]
+        if not converted:
+            raise ValueError(
+                f"{type(model).__name__} has no converted experts: pass a recipe, e.g. moeq.plan(model, 'fp8')"
+            )
+        return ModelPlan(None, None, tuple(ModulePlan(fqn, m.moeq_adapter.family, module_plan(m)) for fqn, m in converted))
+    qtype, found = _find_for(model, recipe, kernel, filter_fqns, "moeq.plan")
+    for fqn, module, adapter in found:
+        check_convertible(fqn, adapter, module, qtype)
+    return plan_found(model, found, qtype, kernel, device)
+
+
+def plan_found(
+    model: nn.Module, found, qtype: QuantizationType, kernel: str, device: Optional[torch.device] = None
+) -> ModelPlan:
+    """The plans of the modules :func:`find_experts` returned (each checked already)."""
+    modules = []
+    for fqn, module, adapter in found:
+        incoming = adapter.incoming_alignment(module, parent_module(model, fqn))
+        entry = plan_experts_module(module, adapter, qtype, kernel, incoming, device)
+        modules.append(ModulePlan(fqn, adapter.family, entry))
+    return ModelPlan(qtype, kernel, tuple(modules))
 
 
 def convert_found(model: nn.Module, found, qtype: QuantizationType, kernel: str) -> None:
     """Convert the modules :func:`find_experts` returned, all or none: every one is checked
-    (:func:`check_convertible`) before any changes. Sets ``model.moeq_converted_fqns``."""
+    (:func:`check_convertible`) and planned before any changes. Sets
+    ``model.moeq_converted_fqns`` and ``model.moeq_plan``."""
     for fqn, module, adapter in found:
         check_convertible(fqn, adapter, module, qtype)
-    for fqn, module, adapter in found:
-        incoming = adapter.incoming_alignment(module, parent_module(model, fqn))
-        convert_experts_module(module, qtype, kernel, adapter=adapter, fqn=fqn, incoming_alignment=incoming)
+    model_plan = plan_found(model, found, qtype, kernel)
+    for (fqn, module, adapter), entry in zip(found, model_plan.modules):
+        convert_experts_module(
+            module, qtype, kernel, adapter=adapter, fqn=fqn, incoming_alignment=entry.plan.incoming_alignment,
+            plan=entry.plan,
+        )
     model.moeq_converted_fqns = [fqn for fqn, _, _ in found]
+    if not any(fqn == "" for fqn, _, _ in found):
+        # (a root that is itself an experts module keeps its own ExpertsPlan there)
+        setattr(model, PLAN_ATTR, model_plan)

@@ -310,3 +310,23 @@ def test_train_compile_with_default_flags_on_cpu():
     assert len(compiled.losses) == 2
     assert all(math.isfinite(x) for x in compiled.losses)
     assert max(abs(a - b) for a, b in zip(compiled.losses, eager.losses)) < 1e-3
+
+
+def test_plan_command_on_a_transformers_config_and_a_moeq_model(capsys, tmp_path):
+    """``moeq plan`` prints, per experts module, what convert_model would run on the device,
+    for a config.json directory (built on the meta device) and for moeq's own model flags."""
+    transformers = pytest.importorskip("transformers")
+    from moeq.integrations.transformers.models import hf_config
+
+    hf_config("qwen3_moe", vocab_size=128, dim=64, num_layers=2, num_experts=4, expert_hidden_dim=64).save_pretrained(tmp_path)
+    assert isinstance(transformers.AutoConfig.from_pretrained(tmp_path), transformers.Qwen3MoeConfig)
+    assert main(["plan", "--config", str(tmp_path), "--recipe", "fp8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.mlp.experts, model.layers.1.mlp.experts [transformers experts]" in out
+    assert "recipe fp8" in out and "emulated" in out and "faster:" in out
+    assert main(["plan", "--recipe", "mxfp8", "--device", "cpu", "--layers", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "layers.0.moe.experts, layers.1.moe.experts, layers.2.moe.experts [moeq.GroupedExperts]" in out
+    assert "multiple of 32" in out
+    assert main(["plan", "--config", str(tmp_path / "missing")]) == 2
+    assert "no config.json" in capsys.readouterr().err

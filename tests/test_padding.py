@@ -1,4 +1,4 @@
-"""Token-group padding (issue 3): pad/unpad, permute-and-pad, combine.
+"""Token-group padding: pad/unpad, permute-and-pad, combine.
 
 * Property tests (hypothesis, CPU) of the public API against plain-Python oracles
   (loops over the counts, no moeq code): layout, bitwise round trips, zero padding,

@@ -1,4 +1,4 @@
-"""Bad input never gives a silent wrong answer (issue 15): every public entry point.
+"""Bad input never gives a silent wrong answer: every public entry point.
 
 Tables of input -> (exception type, regex of its message naming the argument), and the
 inputs that are accepted checked against plain torch. CPU eager raises value errors at

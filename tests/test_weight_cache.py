@@ -7,7 +7,7 @@ subprocess, with tests/test_fp8_hopper.py's emulation of ``torch._scaled_grouped
 the weight passes run once per context; a weight changed inside the context raises;
 exiting drops the cache; nesting and unconverted models raise; the per-GEMM paths ignore
 it; torch.compile bypasses it. The fused Hopper path only runs on SM90, so the end-to-end
-tests route converted models to it by patching ``moeq.experts.gemms.fused_experts_kernel``.
+tests route converted models to it by letting the registry's "triton" entry run on CPU.
 """
 from __future__ import annotations
 
@@ -34,22 +34,22 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert bad == 0, f"{what}: {bad} of {a.numel()} elements differ bitwise"
 
 
+def _fused_on_cpu():
+    """The registry's "triton" entry (the fused Hopper experts) allowed on any device, so
+    a plan made after this takes it (their CPU/emulated ops run)."""
+    import dataclasses
+
+    from moeq.ops import registry
+
+    return dataclasses.replace(registry.get_kernel("triton"), unsupported_reason=lambda qtype, device: None)
+
+
 def _use_fused(monkeypatch) -> None:
-    """Send converted experts to the fused Hopper functions on CPU (their CPU/emulated ops)."""
-    import moeq.experts.gemms as conv
+    """Send converted experts to the fused Hopper functions on CPU (their CPU/emulated ops).
+    Plans are made at conversion: call before converting."""
+    from moeq.ops import registry
 
-    def fused(qtype, kernel, device):
-        if qtype is QuantizationType.FP8:
-            from moeq.ops.fp8_hopper import fp8_swiglu_experts
-
-            return fp8_swiglu_experts
-        if qtype is QuantizationType.MXFP8:
-            from moeq.ops.mxfp8_hopper import mxfp8_swiglu_experts
-
-            return mxfp8_swiglu_experts
-        return None
-
-    monkeypatch.setattr(conv, "fused_experts_kernel", fused)
+    monkeypatch.setitem(registry._REGISTRY, "triton", _fused_on_cpu())
 
 
 def _count_weight_passes(monkeypatch, recipe: str) -> list:
@@ -345,8 +345,8 @@ def test_compile_fullgraph_bypasses_the_cache(monkeypatch):
 
 def _check_fp8_cached_bitwise() -> None:
     """Run under TRITON_INTERPRET=1: fp8_swiglu_experts with precomputed / cached weights."""
-    import moeq.experts.gemms as conv
     from moeq.convert import convert_model
+    from moeq.ops import registry
     from moeq.ops import fp8_hopper as fh
     from tests.test_fp8_hopper import emulated_scaled_grouped_mm
 
@@ -387,7 +387,7 @@ def _check_fp8_cached_bitwise() -> None:
     except ValueError as err:
         assert "need_dgrad=True" in str(err)
     # 2) a converted moeq.MoE over gradient-accumulation micro-batches, one weight pass per weight
-    conv.fused_experts_kernel = lambda qtype, kernel, device: fh.fp8_swiglu_experts
+    registry._REGISTRY["triton"] = _fused_on_cpu()
     torch.manual_seed(0)
     moe = moeq.MoE(32, 48, 3, 2, router_dtype=torch.float32, dtype=torch.bfloat16, load_balancing="none")
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The ``moeq`` command: ``train``, ``compare`` and ``bench``."""
+"""The ``moeq`` command: ``train``, ``compare``, ``plan`` and ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -79,12 +79,38 @@ def _cmd_compare(args) -> int:
 def _cmd_bench(args) -> int:
     import runpy
 
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = os.path.join(here, "benchmarks", "experts.py")
     if not os.path.exists(script):
         raise SystemExit("moeq bench: benchmarks/experts.py not found (run from a source checkout)")
     sys.argv = [script] + args.bench_args
     runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+def _plan_model(args):
+    """The model ``moeq plan`` describes, on the meta device (no memory, nothing downloaded)."""
+    import torch
+
+    with torch.device("meta"):
+        if args.config:
+            from moeq.integrations.transformers.models import model_from_config_path
+
+            return model_from_config_path(args.config, torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype))
+        from moeq.app.train import build_unconverted_model
+
+        return build_unconverted_model(_config(args)).to(torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype))
+
+
+def _cmd_plan(args) -> int:
+    import torch
+
+    from moeq.convert import plan
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(plan(_plan_model(args), args.recipe, kernel=args.kernel, device=torch.device(device)))
     return 0
 
 
@@ -117,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out-dir", default="moeq_runs/compare")
     _add_train_args(c)
     c.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("plan", help="print what convert_model would run per experts module on a device "
+                       "(kernels per GEMM, padding, emulation), without converting or allocating the model")
+    p.add_argument("--recipe", type=_recipe, default="mxfp8", help=f"one of {', '.join(RECIPE_NAMES)}")
+    p.add_argument("--config", metavar="PATH",
+                   help="a transformers model: its config.json or the directory holding it (nothing is downloaded); "
+                   "without it, the model the --model and size flags describe")
+    _add_train_args(p)
+    p.set_defaults(func=_cmd_plan)
 
     b = sub.add_parser("bench", help="run benchmarks/experts.py on this GPU and print its table "
                        "(arguments after 'bench' go to it, e.g. --shapes qwen3_30b_a3b --out DIR)")

@@ -196,9 +196,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, list]:
-    """The demo model in ``cfg.dtype``, converted to ``cfg.recipe``; returns (model, converted FQNs)."""
-    torch.manual_seed(cfg.seed)
+def build_unconverted_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The model ``cfg`` describes (moeq's demo LM or a transformers family), unconverted,
+    on the current default device."""
     if cfg.hf_model:
         from moeq.integrations.transformers.models import build_hf_model
 
@@ -208,13 +208,16 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module
                                expert_hidden_dim=m.expert_hidden_dim)
     else:
         model = MoETransformer(cfg.model)
-    model = model.to(device=device, dtype=resolve_dtype(cfg.dtype, device))
+    return model
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, list]:
+    """The demo model in ``cfg.dtype``, converted to ``cfg.recipe``; returns (model, converted FQNs)."""
+    torch.manual_seed(cfg.seed)
+    model = build_unconverted_model(cfg).to(device=device, dtype=resolve_dtype(cfg.dtype, device))
     from moeq.convert import convert_model  # imported late: convert pulls in the quant stack
 
-    kernel = cfg.kernel
-    if kernel == "auto" and device.type == "cpu" and parse_recipe(cfg.recipe).value != "bf16":
-        kernel = "emulated"
-    model = convert_model(model, cfg.recipe, kernel=kernel)
+    model = convert_model(model, cfg.recipe, kernel=cfg.kernel)
     return model, list(getattr(model, "moeq_converted_fqns", []))
 
 

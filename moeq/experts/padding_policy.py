@@ -32,6 +32,16 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def pads_for(alignment: Optional[int], incoming_alignment: Optional[int]) -> bool:
+    """:func:`needs_padding` once the recipe's alignment is known (an experts plan holds
+    it): groups handed over at ``incoming_alignment`` (None: packed) need padding to
+    ``alignment`` (None: the recipe needs none). Both powers of two."""
+    if alignment is None:
+        return False
+    # Powers of two: a multiple of the larger one is a multiple of the smaller.
+    return incoming_alignment is None or incoming_alignment < alignment
+
+
 def needs_padding(qtype: QuantizationType, incoming_alignment: Optional[int]) -> bool:
     """Whether the experts must pad their token groups before the recipe's GEMMs.
 
@@ -39,7 +49,8 @@ def needs_padding(qtype: QuantizationType, incoming_alignment: Optional[int]) ->
     ``None`` (groups packed back to back) or ``a`` (every group starts at a multiple of
     ``a``: moeq.MoE's permute-and-pad, moeq's EP dispatch, or torchtitan's
     ``TorchAOTokenDispatcher(pad_multiple=a)`` already padded them).
-    ``moeq.experts.gemms.align_token_groups`` applies the decision (torchtitan's slack
+    ``moeq.experts.gemms.align_token_groups`` applies the decision (with the module plan's
+    alignment, :func:`pads_for`) (torchtitan's slack
     tail rows included).
 
     The seven cases (pad = this layer runs pad before and unpad after its GEMMs):
@@ -67,7 +78,4 @@ def needs_padding(qtype: QuantizationType, incoming_alignment: Optional[int]) ->
     required = group_alignment(qtype)
     if incoming_alignment is not None and (incoming_alignment < 1 or incoming_alignment & (incoming_alignment - 1)):
         raise ValueError(f"group_alignment={incoming_alignment} must be a power of two")
-    if required is None:
-        return False
-    # Powers of two: a multiple of the larger one is a multiple of the smaller.
-    return incoming_alignment is None or incoming_alignment < required
+    return pads_for(required, incoming_alignment)

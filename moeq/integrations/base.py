@@ -44,6 +44,9 @@ class ExpertsAdapter(abc.ABC):
     # None: moeq.apply_expert_parallel can shard this family. Otherwise the sentence it
     # raises NotImplementedError with (e.g. "use torchtitan's expert parallelism").
     expert_parallel_unsupported: Optional[str] = None
+    # True when the converted forward takes routed tokens (top-k ids and weights) and lays
+    # them out aligned in its own permute, so it never pads token groups separately.
+    routes_tokens: bool = False
 
     @abc.abstractmethod
     def matches(self, module: nn.Module) -> bool:
@@ -69,6 +72,15 @@ class ExpertsAdapter(abc.ABC):
     @abc.abstractmethod
     def forward(self, module: nn.Module, *args, **kwargs) -> torch.Tensor:
         """The converted forward of ``module`` (the family's own signature)."""
+
+    def plan_weight(self, module: nn.Module) -> torch.Tensor:
+        """The expert weight (local shard) whose device and dtype key the module's plan."""
+        return next(iter(self.local_weights(module).values()))
+
+    def swiglu(self, module: nn.Module) -> bool:
+        """True when ``module`` computes plain SwiGLU experts (no biases, SiLU gate): the
+        fused experts kernels cover it. Read when its plan is made."""
+        return False
 
     def unconvertible(self, module: nn.Module) -> Optional[str]:
         """Why ``module`` (one this adapter matches) cannot be converted, as a clause for

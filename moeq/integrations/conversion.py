@@ -8,16 +8,18 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 from moeq.experts.converted import ConvertedExperts
+from moeq.experts.plan import PLAN_ATTR, ExpertsPlan, plan_module
 from moeq.integrations.base import ExpertsAdapter, original_class
 from moeq.numerics.recipes import QuantizationType, group_alignment
 from moeq.ops.grouped_mm import INPUT_DTYPES
 
 
 # Attributes a conversion sets on a module (ConvertedExperts' per-instance attributes).
-_CONVERSION_ATTRS = ("moeq_recipe", "moeq_kernel", "group_alignment", "moeq_incoming_alignment")
+_CONVERSION_ATTRS = ("moeq_recipe", "moeq_kernel", "group_alignment", "moeq_incoming_alignment", PLAN_ATTR)
 
 
 def check_dims(fqn: str, adapter: ExpertsAdapter, module: nn.Module, qtype: QuantizationType) -> None:
@@ -77,6 +79,7 @@ def convert_experts_module(
     adapter: ExpertsAdapter,
     fqn: str = "",
     incoming_alignment: Optional[int] = None,
+    plan: Optional[ExpertsPlan] = None,
 ) -> nn.Module:
     """Convert one experts module in place (its family's adapter given).
 
@@ -86,6 +89,8 @@ def convert_experts_module(
         fqn: its name, for messages.
         incoming_alignment: what its caller guarantees about the token groups it hands
             over (``adapter.incoming_alignment``), stored as ``moeq_incoming_alignment``.
+        plan: the module's plan if the caller made it (:func:`plan_experts_module`);
+            made here otherwise. Stored as ``moeq_plan``.
     Returns:
         ``module``, now an instance of ``adapter.converted_class(original class)``.
     Raises:
@@ -94,12 +99,28 @@ def convert_experts_module(
             cannot convert (``adapter.unconvertible``).
     """
     check_convertible(fqn, adapter, module, qtype)
+    if plan is None:
+        plan = plan_experts_module(module, adapter, qtype, kernel, incoming_alignment)
     module.__class__ = adapter.converted_class(original_class(module))
     module.moeq_recipe = qtype
     module.moeq_kernel = kernel
     module.group_alignment = group_alignment(qtype)
     module.moeq_incoming_alignment = incoming_alignment
+    module.__dict__[PLAN_ATTR] = plan
     return module
+
+
+def plan_experts_module(
+    module: nn.Module,
+    adapter: ExpertsAdapter,
+    qtype: QuantizationType,
+    kernel: str,
+    incoming_alignment: Optional[int],
+    device: Optional[torch.device] = None,
+) -> ExpertsPlan:
+    """The plan converting ``module`` to ``qtype`` with ``kernel`` gives it, for its expert
+    weights' current device (or ``device``) and dtype (nothing is changed)."""
+    return plan_module(module, adapter, adapter.plan_weight(module), qtype, kernel, incoming_alignment, device)
 
 
 def unconvert_experts_module(module: nn.Module, fqn: str = "") -> nn.Module:

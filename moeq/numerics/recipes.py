@@ -38,18 +38,25 @@ RECIPE_NAMES = tuple(q.value for q in QuantizationType)
 RecipeLike = Union[str, QuantizationType]
 
 
+# Names (values and lower-case enum names) by dict lookup: dynamo (torch 2.11) cannot
+# trace an iteration over the enum, so parse_recipe must not iterate it.
+_RECIPES_BY_NAME = {
+    **{q.value: q for q in QuantizationType},
+    **{q.name.lower(): q for q in QuantizationType},
+}
+
+
 def parse_recipe(recipe: RecipeLike) -> QuantizationType:
     """Turn ``"bf16"``/``"fp8"``/``"mxfp8"`` (any case) or a QuantizationType into the enum.
 
-    Raises ValueError naming the valid recipes for anything else.
+    The one recipe parser: called where a user's choice enters (conversion, the public
+    functional ops, the CLI), never per call of a converted module (its plan holds the
+    enum). Raises ValueError naming the valid recipes for anything else.
     """
     if isinstance(recipe, QuantizationType):
         return recipe
-    if isinstance(recipe, str):
-        key = recipe.strip().lower()
-        for q in QuantizationType:
-            if key == q.value or key == q.name.lower():
-                return q
+    if isinstance(recipe, str) and recipe.strip().lower() in _RECIPES_BY_NAME:
+        return _RECIPES_BY_NAME[recipe.strip().lower()]
     raise ValueError(
         f"unknown recipe {recipe!r}: use one of {', '.join(repr(n) for n in RECIPE_NAMES)} "
         f"or a moeq.QuantizationType"

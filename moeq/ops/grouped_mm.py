@@ -4,8 +4,9 @@ Forward ``out[g] = a[g] @ b[e].T`` for each expert ``e``'s token group ``g``; ba
 computes the input gradient ``grad_out[g] @ b[e]`` and the weight gradient
 ``grad_out[g].T @ a[g]``. For quantized recipes each GEMM quantizes its two operands
 along its own contraction dim (K, N, and the tokens of each group, respectively);
-docs/recipes.md states the numerics. The kernel doing the GEMMs is chosen per call
-(moeq/ops/registry.py).
+docs/recipes.md states the numerics. ``quantized_grouped_mm`` (the public functional
+op) resolves its kernel argument per call (moeq/ops/registry.py); converted experts
+modules call :func:`planned_grouped_mm` with the kernel their plan resolved once.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from moeq.ops.registry import KERNEL_AUTO, get_kernel, select_kernel
+from moeq.ops.registry import KERNEL_AUTO, GroupedMMKernel, select_kernel
 from moeq.numerics.fp8_rowwise import FP8_DTYPE
 from moeq.numerics.mxfp8 import MX_BLOCK_SIZE
 from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType, RecipeLike, parse_recipe
@@ -28,22 +29,6 @@ _INPUT_DTYPES = INPUT_DTYPES
 _GROUP_ALIGNMENT = dict(GROUP_ALIGNMENT)
 # torch._scaled_grouped_mm needs 16-byte aligned strides: 16 e4m3 elements.
 _FP8_DIM_MULTIPLE = 16 // FP8_DTYPE.itemsize
-
-
-# Recipe names resolved by dict lookup: older dynamo (torch 2.11) cannot trace the
-# iteration over the enum that parse_recipe does, so strings must not reach it in a graph.
-_QTYPE_BY_NAME = {
-    **{q.value: q for q in QuantizationType},
-    **{q.name.lower(): q for q in QuantizationType},
-}
-
-
-def _parse_qtype(qtype: RecipeLike) -> QuantizationType:
-    if isinstance(qtype, QuantizationType):
-        return qtype
-    if isinstance(qtype, str) and qtype.strip().lower() in _QTYPE_BY_NAME:
-        return _QTYPE_BY_NAME[qtype.strip().lower()]
-    return parse_recipe(qtype)  # raises the error naming the valid recipes
 
 
 def _dim_multiple(qtype: QuantizationType) -> Optional[int]:
@@ -156,18 +141,17 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class _QuantizedGroupedMM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, offs, qtype, kernel_name, check_finite):
-        kernel = get_kernel(kernel_name)
+    def forward(ctx, a, b, offs, qtype, kernel, check_finite):
         ctx.save_for_backward(a, b, offs)
         ctx.qtype = qtype
-        ctx.kernel_name = kernel_name
+        ctx.kernel = kernel
         ctx.check_finite = check_finite
         return _cast(kernel.forward(a, b, offs, qtype), a.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         a, b, offs = ctx.saved_tensors
-        kernel = get_kernel(ctx.kernel_name)
+        kernel = ctx.kernel
         grad_out = grad_out.contiguous()
         if ctx.check_finite:
             _check_finite(grad_out, "grad_out (the gradient of quantized_grouped_mm's output)")
@@ -220,9 +204,34 @@ def quantized_grouped_mm(
     Offsets are checked on CPU with clear errors and on CUDA with ``torch._assert_async``
     (device-side assert, no host sync).
     """
-    q = _parse_qtype(qtype)
+    q = parse_recipe(qtype)
     _validate_static(a, b, offs, q)
-    impl = select_kernel(kernel, q, a.device)
+    return planned_grouped_mm(a, b, offs, q, select_kernel(kernel, q, a.device), check_finite=check_finite, validated=True)
+
+
+def planned_grouped_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offs: torch.Tensor,
+    qtype: QuantizationType,
+    impl: GroupedMMKernel,
+    *,
+    check_finite: Optional[bool] = None,
+    validated: bool = False,
+) -> torch.Tensor:
+    """:func:`quantized_grouped_mm` with the recipe and kernel already resolved (an experts
+    module's plan holds both): the same checks and numerics, no parsing or selection.
+
+    Args:
+        a, b, offs, check_finite: as :func:`quantized_grouped_mm`.
+        qtype: a QuantizationType. impl: a per-GEMM or whole-op registry kernel.
+        validated: the static checks already ran (internal).
+    Returns:
+        (M, N) in a.dtype.
+    """
+    q = qtype
+    if not validated:
+        _validate_static(a, b, offs, q)
     _validate_offsets(offs, a.shape[0], q)
     checks = _finite_checks_on(check_finite, a.device)
     if checks:
@@ -233,4 +242,4 @@ def quantized_grouped_mm(
         if checks and out.requires_grad:
             out.register_hook(lambda g: _check_finite(g, "grad_out (the gradient of quantized_grouped_mm's output)"))
         return _cast(out, a.dtype)
-    return _QuantizedGroupedMM.apply(a, b, offs, q, impl.name, checks)
+    return _QuantizedGroupedMM.apply(a, b, offs, q, impl, checks)

@@ -36,19 +36,19 @@ models, with a check that the weights did not change.
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
 
 from moeq.kernels import mxfp8_hopper as _k
+from moeq.kernels.common import INTERPRET as _INTERPRET
+from moeq.ops.slack_rows import zero_slack_rows_
 from moeq.ops.padding import combine_token_groups, route_tokens
 from moeq.numerics.groups import zero_slack_rows
 from moeq.numerics.mxfp8 import MX_BLOCK_SIZE, mxfp8_fake_quantize
 from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType
 
 _ALIGN = GROUP_ALIGNMENT[QuantizationType.MXFP8]
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _ops(device: torch.device):
@@ -59,7 +59,7 @@ def _ops(device: torch.device):
             _k.mxfp8_fake_quant_weight,
             _k.mxfp8_swiglu_fake_quant,
             _k.mxfp8_swiglu_backward_fake_quant,
-            _k.zero_slack_rows_,
+            zero_slack_rows_,
         )
     return (_ref_2d, _ref_weight, _ref_swiglu, _ref_swiglu_bwd, _ref_zero_slack)
 

@@ -1,9 +1,9 @@
-"""Grouped-GEMM kernel names, the registry, and per-call kernel selection.
+"""Grouped-GEMM kernel names, the registry, and kernel resolution.
 
 The one place kernel names live. A kernel implements the grouped GEMMs of a quantized
 grouped linear layer for some recipes (``QuantizationType``), taking high-precision
 tensors and doing its own quantization (so fast kernels can fuse it). It comes in one of
-two forms:
+three forms:
 
 * **per GEMM** (moeq's own kernels): three functions that moeq's autograd function
   (moeq/ops/grouped_mm.py) calls,
@@ -16,6 +16,13 @@ two forms:
   ``grouped_mm(a, b, offs, qtype) -> (M, N)`` whose backward computes both gradients
   itself. Splitting such a function into moeq's three entries would mean re-writing its
   backward; calling it whole runs exactly the library's code.
+
+* **fused experts** (moeq's Triton Hopper kernels, ``"triton"``): whole SwiGLU experts
+  ``swiglu_experts(x, gate_up_proj, down_proj, offs, qtype, quantized_weights=None)`` and
+  ``routed_swiglu_experts(tokens, expert_indices, expert_weights, gate_up_proj,
+  down_proj, qtype, quantized_weights=None)``, quantizing each activation once inside the
+  passes that already touch it. Layouts they do not cover (biases, other activations)
+  run a per-GEMM kernel, which ``resolve_experts_kernels`` picks alongside.
 
 Contract for both: outputs in bf16 (or any float dtype; the caller casts), rows at or past
 ``offs[-1]`` zero in forward/dgrad, zero weight gradients for empty groups, no host
@@ -56,6 +63,7 @@ from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Un
 import torch
 
 from moeq.ops import emulated as _emulated
+from moeq.ops import hopper_experts as _hopper
 from moeq.ops import scaled_mm as _scaled
 from moeq.ops import torchao_kernel as _torchao  # light: torchao itself loads on first use
 from moeq.ops.device import DeviceInfo, DeviceLike, device_info
@@ -65,7 +73,7 @@ KERNEL_AUTO = "auto"
 KERNEL_EMULATED = "emulated"
 KERNEL_TORCH = "torch"
 KERNEL_TORCHAO = "torchao"
-KERNEL_TRITON = "triton"  # reserved for the Triton kernels in moeq.kernels (issues 5/6)
+KERNEL_TRITON = "triton"  # the fused Triton Hopper SwiGLU experts (moeq/ops/hopper_experts.py)
 
 # Modules imported (once, on first selection) so the kernels they register are known.
 # A missing module is skipped; any other import error propagates.
@@ -114,15 +122,27 @@ class GroupedMMKernel:
     dgrad: Optional[GemmFn] = None
     wgrad: Optional[GemmFn] = None
     grouped_mm: Optional[GemmFn] = None
+    swiglu_experts: Optional[Callable[..., torch.Tensor]] = None
+    routed_swiglu_experts: Optional[Callable[..., torch.Tensor]] = None
     emulation_reason: ReasonFn = runs_natively
     priority: Union[int, Mapping[QuantizationType, int]] = 0
 
     def __post_init__(self):
         per_gemm = (self.forward, self.dgrad, self.wgrad)
-        if self.grouped_mm is None and any(f is None for f in per_gemm):
+        fused = (self.swiglu_experts, self.routed_swiglu_experts)
+        if self.grouped_mm is None and not any(fused) and any(f is None for f in per_gemm):
             raise TypeError(f"kernel {self.name!r}: give forward, dgrad and wgrad, or grouped_mm")
-        if self.grouped_mm is not None and any(f is not None for f in per_gemm):
-            raise TypeError(f"kernel {self.name!r}: give grouped_mm or forward/dgrad/wgrad, not both")
+        forms = [any(f is not None for f in per_gemm), self.grouped_mm is not None, any(f is not None for f in fused)]
+        if forms.count(True) != 1 or (forms[2] and not all(fused)):
+            raise TypeError(
+                f"kernel {self.name!r}: give exactly one form: forward, dgrad and wgrad; or grouped_mm; "
+                f"or swiglu_experts and routed_swiglu_experts"
+            )
+
+    @property
+    def fused(self) -> bool:
+        """True for a whole-SwiGLU-experts kernel (it runs no single grouped GEMM)."""
+        return self.swiglu_experts is not None
 
     def priority_for(self, qtype: QuantizationType) -> int:
         """This kernel's priority for ``qtype`` in "auto"."""
@@ -187,8 +207,23 @@ def get_kernel(name: str) -> GroupedMMKernel:
     return _REGISTRY[name]
 
 
-def _by_priority(qtype: QuantizationType) -> List[GroupedMMKernel]:
-    ks = [k for k in _REGISTRY.values() if qtype in k.qtypes]
+def check_kernel_choice(kernel: str) -> str:
+    """Return ``kernel`` if it is "auto" or a registered name, else raise ValueError naming
+    the choices (the fused experts kernels, then the per-GEMM ones)."""
+    _load_plugins()
+    if kernel == KERNEL_AUTO or kernel in _REGISTRY:
+        return kernel
+    fused = [n for n in sorted(_REGISTRY) if _REGISTRY[n].fused]
+    gemm = [n for n in sorted(_REGISTRY) if not _REGISTRY[n].fused]
+    raise ValueError(
+        f"unknown kernel {kernel!r}: use 'auto', "
+        + "".join(f"{n!r} (fused SM90 SwiGLU experts) or " for n in fused)
+        + f"a per-GEMM kernel ({', '.join(repr(n) for n in gemm)})"
+    )
+
+
+def _by_priority(qtype: QuantizationType, fused: bool = False) -> List[GroupedMMKernel]:
+    ks = [k for k in _REGISTRY.values() if qtype in k.qtypes and k.fused == fused]
     return sorted(ks, key=lambda k: (-k.priority_for(qtype), k.name))
 
 
@@ -203,8 +238,8 @@ def _auto(qtype: QuantizationType, info: DeviceInfo) -> Optional[GroupedMMKernel
 
 
 def available_kernels(qtype: RecipeLike, device: DeviceLike) -> List[str]:
-    """Names of the kernels that can run ``qtype`` on ``device``, auto's choice first,
-    then the other native ones by priority, then the emulating ones."""
+    """Names of the per-GEMM kernels that can run ``qtype`` on ``device``, auto's choice
+    first, then the other native ones by priority, then the emulating ones."""
     q = parse_recipe(qtype)
     _load_plugins()
     info = device_info(device)
@@ -226,6 +261,11 @@ def choose_kernel(kernel: str, qtype: RecipeLike, device: DeviceLike) -> Grouped
             raise RuntimeError(f"no grouped-GEMM kernel runs {q.value} on {info}")
         return k
     k = get_kernel(kernel)
+    if k.fused:
+        raise ValueError(
+            f"kernel={kernel!r} runs whole SwiGLU experts, not one grouped GEMM: pass a per-GEMM kernel "
+            f"({', '.join(repr(n) for n in kernel_names() if n == KERNEL_AUTO or not _REGISTRY[n].fused)})"
+        )
     reason = k.reason_unavailable(q, info)
     if reason is not None:
         alternatives = available_kernels(q, info)
@@ -292,6 +332,84 @@ def select_kernel(kernel: str, qtype: RecipeLike, device: DeviceLike) -> Grouped
     if info.type != "cpu" and k.emulation_reason(q, info) is not None and not torch.compiler.is_compiling():
         _warn_once(kernel, q, info)
     return k
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertsKernels:
+    """What one kernel choice resolves to for an experts module's GEMMs.
+
+    Attributes:
+        fused: the whole-SwiGLU-experts kernel, or None (no fused path).
+        per_gemm: the kernel for each single grouped GEMM (layouts the fused kernel does
+            not cover, and every GEMM when ``fused`` is None).
+        fused_why, per_gemm_why: one sentence each: why this kernel (or why none).
+    """
+
+    fused: Optional[GroupedMMKernel]
+    per_gemm: GroupedMMKernel
+    fused_why: str
+    per_gemm_why: str
+
+
+def resolve_experts_kernels(kernel: str, qtype: QuantizationType, device: DeviceLike) -> ExpertsKernels:
+    """The one resolver of a user's kernel choice for an experts module (called once per
+    module and device, when its plan is made: moeq/experts/plan.py).
+
+    "auto": the highest-priority fused experts kernel that can run ``qtype`` on
+    ``device`` (its numerics may be emulated: on SM90 the MXFP8 one computes the MXFP8
+    GEMM exactly up to accumulation order on bf16 tensor cores), and per GEMM the
+    best native kernel, else "emulated". A fused kernel's name: that kernel (RuntimeError
+    naming the fix where it cannot run) with "auto" per GEMM. A per-GEMM name: that
+    kernel for every GEMM, no fused path. Emulation on a GPU warns as ``select_kernel``.
+    """
+    check_kernel_choice(kernel)
+    info = device_info(device)
+    if kernel != KERNEL_AUTO and get_kernel(kernel).fused:
+        fused = get_kernel(kernel)
+        reason = fused.reason_unavailable(qtype, info)
+        if reason is not None:
+            raise RuntimeError(
+                f"kernel={kernel!r} ({qtype.value} fused experts) cannot run on {info}: {reason}; use "
+                f"kernel='auto' or kernel={KERNEL_EMULATED!r}"
+            )
+        per_gemm = select_kernel(KERNEL_AUTO, qtype, info)
+        return ExpertsKernels(fused, per_gemm, f"kernel={kernel!r} asked for it", _why(KERNEL_AUTO, per_gemm, qtype, info))
+    fused = None
+    fused_why = f"no fused experts kernel implements {qtype.value}"
+    if kernel == KERNEL_AUTO:
+        for k in _by_priority(qtype, fused=True):
+            why_not = k.unsupported_reason(qtype, info)
+            if why_not is None:
+                fused, fused_why = k, f"the highest-priority fused experts kernel that runs {qtype.value} on {info}"
+                break
+            fused_why = f"kernel={k.name!r}: {why_not}"
+    else:
+        fused_why = f"kernel={kernel!r} is a per-GEMM kernel"
+    per_gemm = select_kernel(kernel, qtype, info)
+    return ExpertsKernels(fused, per_gemm, fused_why, _why(kernel, per_gemm, qtype, info))
+
+
+def _why(choice: str, k: GroupedMMKernel, qtype: QuantizationType, info: DeviceInfo) -> str:
+    if choice != KERNEL_AUTO:
+        return f"kernel={choice!r} asked for it"
+    if k.emulation_reason(qtype, info) is None:
+        return f"the highest-priority kernel that runs {qtype.value} natively on {info}"
+    return f"no kernel runs {qtype.value} natively on {info}"
+
+
+def faster_option(qtype: QuantizationType, device: DeviceLike, chosen: GroupedMMKernel) -> Optional[str]:
+    """Where ``chosen`` emulates ``qtype`` on ``device``: the other kernels and what each
+    needs to run it natively (None where ``chosen`` is native)."""
+    info = device_info(device)
+    if chosen.emulation_reason(qtype, info) is None:
+        return None
+    options = []
+    for k in _by_priority(qtype, fused=True) + _by_priority(qtype):
+        if k is chosen or k.name == KERNEL_EMULATED:
+            continue
+        why_not = k.unsupported_reason(qtype, info) or k.emulation_reason(qtype, info)
+        options.append(f"kernel={k.name!r}: " + (why_not or f"runs {qtype.value} natively here"))
+    return "; ".join(options) or None
 
 
 # --- built-in kernels ------------------------------------------------------------------
@@ -380,5 +498,16 @@ register_kernel(
         wgrad=_torch_wgrad,
         unsupported_reason=_torch_reason,
         priority=10,
+    )
+)
+register_kernel(
+    GroupedMMKernel(
+        name=KERNEL_TRITON,
+        qtypes=frozenset({QuantizationType.FP8, QuantizationType.MXFP8}),
+        swiglu_experts=_hopper.swiglu_experts,
+        routed_swiglu_experts=_hopper.routed_swiglu_experts,
+        unsupported_reason=_hopper.unsupported_reason,
+        emulation_reason=_hopper.emulation_reason,
+        priority=30,
     )
 )

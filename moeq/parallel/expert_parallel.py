@@ -41,7 +41,7 @@ from moeq.nn.experts import GroupedExperts, run_on_trusted_counts
 from moeq.nn.moe import MoE
 from moeq.parallel.dispatch_plan import DispatchPlan, build_plan
 from moeq.ops.quantized_dispatch import QUANTIZED_RECIPES, pack_rows, unpack_to_padded
-from moeq.numerics.recipes import group_alignment, parse_recipe
+from moeq.numerics.recipes import QuantizationType
 from moeq.numerics.validation import check_int, check_module
 
 EP_DIM = "ep"
@@ -102,7 +102,7 @@ class _QuantizedDispatchToPadded(torch.autograd.Function):
     quantization."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, plan: DispatchPlan, recipe: str) -> Tensor:
+    def forward(ctx, x: Tensor, plan: DispatchPlan, recipe: QuantizationType) -> Tensor:
         ctx.plan = plan
         packed = pack_rows(x, recipe)
         recv = _all_to_all(packed, plan.recv_splits, plan.send_splits, plan.group)
@@ -161,7 +161,7 @@ def _dispatch(x: Tensor, plan: DispatchPlan) -> Tensor:
 
 
 @torch.compiler.disable
-def _dispatch_quantized(x: Tensor, plan: DispatchPlan, recipe: str) -> Tensor:
+def _dispatch_quantized(x: Tensor, plan: DispatchPlan, recipe: QuantizationType) -> Tensor:
     return _QuantizedDispatchToPadded.apply(x, plan, recipe)
 
 
@@ -181,11 +181,12 @@ def _all_to_all_autograd(x: Tensor, out_splits, in_splits, group) -> Tensor:
 
 
 def experts_recipe(experts: nn.Module):
-    """(recipe name or None, alignment or None) of an experts module (converted or not)."""
-    recipe = getattr(experts, "moeq_recipe", None)
-    if recipe is None:
+    """(recipe name or None, alignment or None) of an experts module (converted or not),
+    read from its plan (``moeq_plan``, made at conversion)."""
+    plan = getattr(experts, "moeq_plan", None)
+    if plan is None:
         return None, None
-    return recipe.value, group_alignment(recipe)
+    return plan.recipe.value, plan.alignment
 
 
 class ExpertParallelDispatcher:
@@ -239,7 +240,7 @@ class ExpertParallelDispatcher:
         if self.fused:
             quantized = self.uses_quantized_dispatch(experts)
             plan = _plan(counts, self.group, align, recipe_name, quantized)
-            x = _dispatch_quantized(send, plan, recipe_name) if quantized else _dispatch(send, plan)
+            x = _dispatch_quantized(send, plan, experts.moeq_plan.recipe) if quantized else _dispatch(send, plan)
             y = run_on_trusted_counts(experts, x, plan.local_counts, align)
             home = _combine(y, plan)
         else:
@@ -250,8 +251,8 @@ class ExpertParallelDispatcher:
     def uses_quantized_dispatch(self, experts: nn.Module) -> bool:
         """True when a call with these experts sends quantized rows (FP8/MXFP8 experts and
         ``quantize_dispatch``)."""
-        recipe_name, _ = experts_recipe(experts)
-        return bool(self.quantize_dispatch and recipe_name and parse_recipe(recipe_name) in QUANTIZED_RECIPES)
+        plan = getattr(experts, "moeq_plan", None)
+        return bool(self.quantize_dispatch and plan is not None and plan.recipe in QUANTIZED_RECIPES)
 
     def _unfused(self, send, counts, experts, align, recipe_name):
         plan = _plan(counts, self.group, None, recipe_name)  # alignment 1: a pure permutation

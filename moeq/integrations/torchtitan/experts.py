@@ -30,9 +30,10 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from moeq.experts.gemms import align_token_groups, grouped_swiglu_experts, per_gemm_kernel, restore_token_groups
+from moeq.experts.gemms import align_token_groups, grouped_swiglu_experts, restore_token_groups
+from moeq.experts.plan import module_plan
 from moeq.integrations.base import ExpertsAdapter, local_parameters
-from moeq.ops.grouped_mm import quantized_grouped_mm
+from moeq.ops.grouped_mm import planned_grouped_mm
 from moeq.numerics.groups import row_group_ids, zero_slack_rows
 
 _EP_UNSUPPORTED = (
@@ -96,15 +97,19 @@ class _SwiGLUAdapter(_TorchtitanAdapter):
         hidden, dim = getattr(module, self.gate).shape[-2:]
         return {"dim": dim, "hidden_dim": hidden}
 
+    def swiglu(self, module: nn.Module) -> bool:
+        return True
+
     def forward(self, module, x: Tensor, num_tokens_per_expert: Tensor) -> Tensor:
         """Args: x (R, D) rows in expert order (tail rows past the last group are slack);
         num_tokens_per_expert (E_local,) integer. Returns (R, D) in x.dtype."""
         w = self.local_weights(module)
+        plan = module_plan(module)
         # One gate|up GEMM: x is quantized and read once.
         gate_up = torch.cat([_bf16(w[self.gate]), _bf16(w[self.up])], dim=1)
         out = grouped_swiglu_experts(
-            _bf16(x), gate_up, _bf16(w[self.down]), num_tokens_per_expert, module.moeq_recipe, module.moeq_kernel,
-            incoming_alignment=module.moeq_incoming_alignment, tail_slack=True,
+            _bf16(x), gate_up, _bf16(w[self.down]), num_tokens_per_expert, plan,
+            incoming_alignment=plan.incoming_alignment, tail_slack=True,
         )
         return _like(out, x)
 
@@ -180,17 +185,15 @@ class TorchtitanGptOssExpertsAdapter(_TorchtitanAdapter):
         num_tokens_per_expert (E_local,) integer. Returns (R, D) in x.dtype; slack rows
         are zero (no bias leaks into them)."""
         w = self.local_weights(module)
-        qtype = module.moeq_recipe
-        kernel = per_gemm_kernel(qtype, module.moeq_kernel, x.device)
-        aligned = align_token_groups(
-            _bf16(x), num_tokens_per_expert, qtype, module.moeq_incoming_alignment, tail_slack=True
-        )
+        plan = module_plan(module)
+        qtype, kernel = plan.recipe, plan.per_gemm
+        aligned = align_token_groups(_bf16(x), num_tokens_per_expert, plan, plan.incoming_alignment, tail_slack=True)
         offs = aligned.offs
         expert = row_group_ids(offs, aligned.x.shape[0]).clamp(max=offs.shape[0] - 1)
-        h = quantized_grouped_mm(aligned.x, _bf16(w["mlp1_weight_EGD"]), offs, qtype=qtype, kernel=kernel)
+        h = planned_grouped_mm(aligned.x, _bf16(w["mlp1_weight_EGD"]), offs, qtype, kernel)
         h = h + w["mlp1_bias_EG"][expert].to(h.dtype)
         h = gpt_oss_activation(h, module.swiglu_limit)
-        y = quantized_grouped_mm(h, _bf16(w["mlp2_weight_EDF"]), offs, qtype=qtype, kernel=kernel)
+        y = planned_grouped_mm(h, _bf16(w["mlp2_weight_EDF"]), offs, qtype, kernel)
         bias = w["mlp2_bias_ED"]
         tp = _tp_degree(module.mlp2_weight_EDF)
         if tp > 1:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from moeq.experts.gemms import routed_swiglu_experts
+from moeq.experts.plan import module_plan
 from moeq.integrations.base import ExpertsAdapter, is_silu
 from moeq.integrations.transformers.grouped_layers import gated_experts, routed_experts
 from moeq.integrations.transformers.experts import EP_ONLY_DECORATED, is_transformers_class
@@ -26,6 +27,7 @@ class DbrxExpertsAdapter(ExpertsAdapter):
     """``DbrxExperts`` (mlp.w1 / mlp.v1 / mlp.w2 (E * I, D), ``mlp.activation_fn``)."""
 
     family = "transformers DbrxExperts"
+    routes_tokens = True
     expert_parallel_unsupported = EP_ONLY_DECORATED
 
     def matches(self, module: nn.Module) -> bool:
@@ -37,6 +39,9 @@ class DbrxExpertsAdapter(ExpertsAdapter):
     def local_weights(self, module: nn.Module) -> Dict[str, Tensor]:
         return {f"mlp.{n}": _local(getattr(module.mlp, n)) for n in ("w1", "v1", "w2")}
 
+    def swiglu(self, module: nn.Module) -> bool:
+        return is_silu(module.mlp.activation_fn)
+
     def forward(self, module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """Args: hidden_states (B, S, D) or (T, D); top_k_index, top_k_weights (T, k).
         Returns (B, S, D) (``(T, 1, D)`` for 2-D input), as ``DbrxExperts.forward``."""
@@ -45,13 +50,13 @@ class DbrxExpertsAdapter(ExpertsAdapter):
         gate_up = torch.cat([w["w1"], w["v1"]], dim=1)  # (E, 2I, D)
         down = w["w2"].transpose(1, 2).contiguous()  # (E, D, I)
         x = hidden_states.reshape(-1, dim)
-        qtype, kernel, act = module.moeq_recipe, module.moeq_kernel, module.mlp.activation_fn
+        plan, act = module_plan(module), module.mlp.activation_fn
         if is_silu(act):
-            out = routed_swiglu_experts(x, top_k_index, top_k_weights, gate_up, down, qtype, kernel)
+            out = routed_swiglu_experts(x, top_k_index, top_k_weights, gate_up, down, plan)
         else:
             out = routed_experts(
-                x, top_k_index, top_k_weights, num_experts, qtype,
-                lambda grouped, offs: gated_experts(grouped, offs, gate_up, down, act, qtype, kernel),
+                x, top_k_index, top_k_weights, num_experts, plan,
+                lambda grouped, offs: gated_experts(grouped, offs, gate_up, down, act, plan),
             )
         return out.view(hidden_states.shape[0], -1, dim)
 

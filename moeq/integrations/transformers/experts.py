@@ -34,7 +34,8 @@ from moeq.ops import padding as _padding
 from moeq.experts.gemms import routed_swiglu_experts, swiglu_experts_quantized
 from moeq.experts.swiglu import group_end_offsets, swiglu_experts
 from moeq.integrations.base import ExpertsAdapter, is_silu, local_parameters
-from moeq.integrations.transformers.grouped_layers import gemm_kernel, grouped_linear, row_experts
+from moeq.experts.plan import module_plan
+from moeq.integrations.transformers.grouped_layers import grouped_linear, row_experts
 from moeq.experts.padding_policy import local_tensor as _local
 from moeq.numerics.recipes import QuantizationType
 from moeq.experts.weight_cache import module_weight_cache
@@ -74,6 +75,7 @@ class TransformersExpertsAdapter(ExpertsAdapter):
     """Generic ``@use_experts_implementation`` experts (transformers 5.x)."""
 
     family = "transformers experts"
+    routes_tokens = True
 
     def matches(self, module: nn.Module) -> bool:
         return all(hasattr(module, a) for a in ("is_transposed", "has_gate", "has_bias", "config")) and hasattr(
@@ -88,6 +90,12 @@ class TransformersExpertsAdapter(ExpertsAdapter):
 
     def local_weights(self, module: nn.Module) -> Dict[str, Tensor]:
         return local_parameters(module, EXPERT_PARAMETERS)
+
+    def plan_weight(self, module: nn.Module) -> Tensor:
+        return _local(module.down_proj)
+
+    def swiglu(self, module: nn.Module) -> bool:
+        return self.is_plain_swiglu(module)
 
     def is_plain_swiglu(self, module: nn.Module) -> bool:
         """True for experts computing exactly ``silu(x W_gate) * (x W_up) W_down`` with
@@ -120,14 +128,14 @@ class TransformersExpertsAdapter(ExpertsAdapter):
         if dispatcher is not None:
             out = dispatcher(hidden_states, top_k_index, top_k_weights, HFLocalExperts(module))
             return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
-        qtype = module.moeq_recipe
+        plan = module_plan(module)
         if self.is_plain_swiglu(module):
             # Exactly moeq's SwiGLU experts: the same (fused, on SM90) path as moeq.GroupedExperts.
             return routed_swiglu_experts(
                 hidden_states, top_k_index, top_k_weights, _local(module.gate_up_proj), _local(module.down_proj),
-                qtype, module.moeq_kernel, weight_cache=module_weight_cache(module),
+                plan, weight_cache=module_weight_cache(module),
             )
-        align = module.group_alignment
+        align = plan.alignment
         grouped, counts, layout = _padding.permute_and_pad(hidden_states, top_k_index, module.num_experts, align)
         out = self.expert_math(module, grouped, counts, align)
         # Padding and slack rows may hold bias/activation values: the combine reads real rows only.
@@ -148,8 +156,7 @@ class TransformersExpertsAdapter(ExpertsAdapter):
         Returns:
             (M, D); padding and slack rows hold arbitrary values (never combined).
         """
-        qtype = module.moeq_recipe
-        kernel = gemm_kernel(qtype, module.moeq_kernel, grouped.device)
+        plan = module_plan(module)
         offs = group_end_offsets(counts, align)
         # Expert of each row, for the per-expert bias (slack rows borrow the last expert's).
         expert_ids = row_experts(offs, grouped.shape[0]) if _flag(module, "has_bias") else None
@@ -159,7 +166,7 @@ class TransformersExpertsAdapter(ExpertsAdapter):
             w = _local(weight)
             w = w.transpose(-2, -1) if transposed else w  # -> (E, N, K)
             bias = None if bias is None else _local(bias)
-            return grouped_linear(inp, w, offs, qtype, kernel, bias=bias, expert_ids=expert_ids)
+            return grouped_linear(inp, w, offs, plan, bias=bias, expert_ids=expert_ids)
 
         if _flag(module, "has_gate"):
             h = module._apply_gate(linear(grouped, module.gate_up_proj, getattr(module, "gate_up_proj_bias", None)))
@@ -174,26 +181,26 @@ class TransformersExpertsAdapter(ExpertsAdapter):
         """The converted forward's expert math on rows the EP dispatcher laid out (see
         :class:`HFLocalExperts`): plain SwiGLU experts take the SwiGLU path, the others
         :meth:`expert_math`."""
-        if align != module.group_alignment:
+        plan = module_plan(module)
+        if align != plan.alignment:
             raise RuntimeError(
                 f"expert-parallel tokens arrive aligned to {align}, but {type(module).__name__}'s recipe "
-                f"{module.moeq_recipe.value} needs {module.group_alignment}: the recipe changed after the dispatch "
+                f"{plan.recipe.value} needs {plan.alignment}: the recipe changed after the dispatch "
                 f"was planned"
             )
         if not self.is_plain_swiglu(module):
             return self.expert_math(module, x, counts, align)
         w13, w2 = _local(module.gate_up_proj), _local(module.down_proj)
-        qtype = module.moeq_recipe
-        if qtype is QuantizationType.BF16:
+        if plan.recipe is QuantizationType.BF16:
             return swiglu_experts(x, w13, w2, counts, group_alignment=align)
-        return swiglu_experts_quantized(x, w13, w2, group_end_offsets(counts, align), qtype, module.moeq_kernel)
+        return swiglu_experts_quantized(x, w13, w2, group_end_offsets(counts, align), plan)
 
 
 class HFLocalExperts:
     """The EP dispatcher's experts interface over a converted transformers experts module.
 
     ``ExpertParallelDispatcher`` calls ``experts(x, num_tokens_per_expert,
-    group_alignment=a)`` (moeq.GroupedExperts' contract) and reads ``moeq_recipe``;
+    group_alignment=a)`` (moeq.GroupedExperts' contract) and reads ``moeq_plan``;
     this wrapper answers both for ``module``, computing on its local expert shard.
     """
 
@@ -201,8 +208,8 @@ class HFLocalExperts:
         self.module = module
 
     @property
-    def moeq_recipe(self) -> QuantizationType:
-        return self.module.moeq_recipe
+    def moeq_plan(self):
+        return module_plan(self.module)
 
     def __call__(self, x: Tensor, num_tokens_per_expert: Tensor, *, group_alignment: Optional[int] = None) -> Tensor:
         """Local experts on rows the dispatcher laid out.

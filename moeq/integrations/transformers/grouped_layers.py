@@ -9,25 +9,24 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor
 
 from moeq.ops import padding as _padding
-from moeq.experts.gemms import per_gemm_kernel, swiglu_experts_quantized
+from moeq.experts.gemms import swiglu_experts_quantized
+from moeq.experts.plan import ExpertsPlan
 from moeq.experts.swiglu import group_end_offsets
 from moeq.ops.bf16_grouped_mm import grouped_mm
 from moeq.integrations.base import is_silu
-from moeq.ops.grouped_mm import quantized_grouped_mm
 from moeq.numerics.groups import row_group_ids
-from moeq.numerics.recipes import QuantizationType, group_alignment
+from moeq.numerics.recipes import QuantizationType
+from moeq.ops.grouped_mm import planned_grouped_mm
 
 
 def grouped_linear(
     x: Tensor,
     weight: Tensor,
     offs: Tensor,
-    qtype: QuantizationType,
-    kernel: Optional[str],
+    plan: ExpertsPlan,
     *,
     bias: Optional[Tensor] = None,
     expert_ids: Optional[Tensor] = None,
@@ -39,26 +38,20 @@ def grouped_linear(
             of the recipe's alignment. Rows at or past ``offs[-1]`` are slack.
         weight: (E, N, K) local tensor, any strides (a transposed view is fine).
         offs: (E,) int32 cumulative group end offsets.
-        qtype: the recipe. kernel: a per-GEMM kernel name (``per_gemm_kernel``); unused
-            for BF16, which runs ``torch._grouped_mm``.
+        plan: the module's ExpertsPlan (recipe and per-GEMM kernel; BF16 runs
+            ``torch._grouped_mm``).
         bias: (E, N) or None; expert_ids: (M,) int64 expert of every row (needed with a
             bias: :func:`row_experts`).
     Returns:
         (M, N) in x.dtype. Slack rows hold arbitrary values (callers never read them).
     """
-    if qtype is QuantizationType.BF16:
+    if plan.recipe is QuantizationType.BF16:
         out = grouped_mm(x, weight, offs)
     else:
-        out = quantized_grouped_mm(x, weight, offs, qtype=qtype, kernel=kernel)
+        out = planned_grouped_mm(x, weight, offs, plan.recipe, plan.per_gemm)
     if bias is not None:
         out = out + bias[expert_ids].to(out.dtype)
     return out
-
-
-def gemm_kernel(qtype: QuantizationType, kernel: str, device: torch.device) -> Optional[str]:
-    """The per-GEMM kernel name :func:`grouped_linear` takes for the user's ``kernel``
-    choice on ``device`` (None for BF16, which needs none)."""
-    return None if qtype is QuantizationType.BF16 else per_gemm_kernel(qtype, kernel, device)
 
 
 def row_experts(offs: Tensor, num_rows: int) -> Tensor:
@@ -73,8 +66,7 @@ def gated_experts(
     gate_up_proj: Tensor,
     down_proj: Tensor,
     act_fn: Callable[[Tensor], Tensor],
-    qtype: QuantizationType,
-    kernel: str,
+    plan: ExpertsPlan,
     *,
     weight_cache=None,
 ) -> Tensor:
@@ -87,17 +79,16 @@ def gated_experts(
         gate_up_proj: (E, 2I, D), gate rows [0, I), up rows [I, 2I). down_proj: (E, D, I).
         act_fn: the gate activation; SiLU in any form takes moeq's SwiGLU experts (fused
             on SM90: then the weights must be contiguous), anything else two grouped GEMMs.
-        qtype, kernel: the recipe and the user's kernel choice.
+        plan: the module's ExpertsPlan.
         weight_cache: the module's ``ExpertWeightCache`` for the fused SwiGLU path, or
             None (always None for weights made per call: a copy's address changes).
     Returns:
         (M, D) in x.dtype; slack rows are zero on the SwiGLU path, arbitrary otherwise.
     """
     if is_silu(act_fn):
-        return swiglu_experts_quantized(x, gate_up_proj, down_proj, offs, qtype, kernel, weight_cache=weight_cache)
-    per_gemm = gemm_kernel(qtype, kernel, x.device)
-    gate, up = grouped_linear(x, gate_up_proj, offs, qtype, per_gemm).chunk(2, dim=-1)
-    return grouped_linear(act_fn(gate) * up, down_proj, offs, qtype, per_gemm)
+        return swiglu_experts_quantized(x, gate_up_proj, down_proj, offs, plan, weight_cache=weight_cache)
+    gate, up = grouped_linear(x, gate_up_proj, offs, plan).chunk(2, dim=-1)
+    return grouped_linear(act_fn(gate) * up, down_proj, offs, plan)
 
 
 def routed_experts(
@@ -105,7 +96,7 @@ def routed_experts(
     expert_indices: Tensor,
     expert_weights: Optional[Tensor],
     num_experts: int,
-    qtype: QuantizationType,
+    plan: ExpertsPlan,
     expert_math: Callable[[Tensor, Tensor], Tensor],
 ) -> Tensor:
     """A routed experts block: permute-and-pad to the recipe's layout (one pass, so the
@@ -114,13 +105,13 @@ def routed_experts(
     Args:
         tokens: (T, D). expert_indices: (T, k) ids in [0, E). expert_weights: (T, k) or
             None (a plain sum of the k outputs).
-        num_experts: E. qtype: the recipe (its alignment lays out the groups).
+        num_experts: E. plan: the module's ExpertsPlan (its alignment lays out the groups).
         expert_math: ``f(grouped (M, D), offs (E,) int32) -> (M, N)``; padding and slack
             rows of its output are never read.
     Returns:
         (T, N) in tokens.dtype.
     """
-    align = group_alignment(qtype)
+    align = plan.alignment
     grouped, counts, layout = _padding.permute_and_pad(tokens, expert_indices, num_experts, align)
     out = expert_math(grouped, group_end_offsets(counts, align))
     out = _padding.combine_token_groups(out, layout, expert_weights)

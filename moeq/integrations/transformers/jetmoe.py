@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from moeq.experts.gemms import align_token_groups, restore_token_groups
 from moeq.integrations.base import ExpertsAdapter
-from moeq.integrations.transformers.grouped_layers import gemm_kernel, grouped_linear
+from moeq.experts.plan import module_plan
+from moeq.integrations.transformers.grouped_layers import grouped_linear
 from moeq.integrations.transformers.experts import EP_ONLY_DECORATED, is_transformers_class
 from moeq.experts.padding_policy import local_tensor as _local
 
@@ -41,11 +42,10 @@ class JetMoeExpertsAdapter(ExpertsAdapter):
         """Args: inputs (M, input_size) rows in expert order; expert_size: E group sizes
         (ints or an (E,) integer tensor) summing to M. Returns (M, output_size) in
         inputs.dtype."""
-        qtype = module.moeq_recipe
+        plan = module_plan(module)
         counts = torch.as_tensor(expert_size, dtype=torch.int64, device=inputs.device)
-        aligned = align_token_groups(inputs, counts, qtype, module.moeq_incoming_alignment)
-        kernel = gemm_kernel(qtype, module.moeq_kernel, inputs.device)
-        out = grouped_linear(aligned.x, _local(module.weight), aligned.offs, qtype, kernel)
+        aligned = align_token_groups(inputs, counts, plan, plan.incoming_alignment)
+        out = grouped_linear(aligned.x, _local(module.weight), aligned.offs, plan)
         return restore_token_groups(out, aligned)
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from moeq.experts.gemms import routed_swiglu_experts
+from moeq.experts.plan import module_plan
 from moeq.integrations.base import ExpertsAdapter, is_silu
 from moeq.integrations.transformers.grouped_layers import gated_experts, routed_experts
 from moeq.integrations.transformers.experts import EP_ONLY_DECORATED, is_transformers_class
@@ -33,6 +34,7 @@ class Llama4MoeAdapter(ExpertsAdapter):
     (gate_up_proj (E, D, 2I), down_proj (E, I, D), ``act_fn``) and a shared expert."""
 
     family = "transformers Llama4TextMoe"
+    routes_tokens = True
     expert_parallel_unsupported = EP_ONLY_DECORATED
 
     def matches(self, module: nn.Module) -> bool:
@@ -44,6 +46,9 @@ class Llama4MoeAdapter(ExpertsAdapter):
 
     def local_weights(self, module: nn.Module) -> Dict[str, Tensor]:
         return {n: _local(getattr(module.experts, n)) for n in ("gate_up_proj", "down_proj")}
+
+    def swiglu(self, module: nn.Module) -> bool:
+        return is_silu(module.experts.act_fn)
 
     def forward(self, module, hidden_states: Tensor):
         """Args: hidden_states (..., D). Returns ((T, D) output in hidden_states.dtype,
@@ -58,15 +63,15 @@ class Llama4MoeAdapter(ExpertsAdapter):
         w = self.local_weights(module)
         gate_up = w["gate_up_proj"].transpose(1, 2).contiguous()  # (E, 2I, D)
         down = w["down_proj"].transpose(1, 2).contiguous()  # (E, D, I)
-        qtype, kernel = module.moeq_recipe, module.moeq_kernel
+        plan = module_plan(module)
         one_choice = chosen.reshape(tokens * k, 1)
         if is_silu(experts.act_fn):
             ones = torch.ones((tokens * k, 1), dtype=routed_in.dtype, device=x.device)
-            routed = routed_swiglu_experts(routed_in, one_choice, ones, gate_up, down, qtype, kernel)
+            routed = routed_swiglu_experts(routed_in, one_choice, ones, gate_up, down, plan)
         else:
             routed = routed_experts(
-                routed_in, one_choice, None, gate_up.shape[0], qtype,
-                lambda grouped, offs: gated_experts(grouped, offs, gate_up, down, experts.act_fn, qtype, kernel),
+                routed_in, one_choice, None, gate_up.shape[0], plan,
+                lambda grouped, offs: gated_experts(grouped, offs, gate_up, down, experts.act_fn, plan),
             )
         out = module.shared_expert(x)
         out.add_(routed.reshape(tokens, k, -1).sum(dim=1))

@@ -90,3 +90,24 @@ def build_hf_model(name: str, **sizes) -> HFCausalLM:
     from transformers import AutoModelForCausalLM
 
     return HFCausalLM(AutoModelForCausalLM.from_config(hf_config(name, **sizes)))
+
+
+def model_from_config_path(path: str, dtype: torch.dtype) -> nn.Module:
+    """A transformers model built from a local ``config.json`` (or the directory holding
+    it) in ``dtype``, with random weights on the current default device (pass
+    ``torch.device("meta")`` as a context to allocate nothing). Causal LMs through
+    ``AutoModelForCausalLM``, other architectures through ``AutoModel``.
+
+    Raises FileNotFoundError naming the path when there is no config there."""
+    import os
+
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    directory = os.path.dirname(path) if path.endswith(".json") else path
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(f"no config.json at {path}: pass a transformers model directory or its config.json")
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError:  # not a causal LM architecture
+        return AutoModel.from_config(config, dtype=dtype)

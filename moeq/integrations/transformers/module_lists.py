@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from moeq.ops import padding as _padding
 from moeq.experts.swiglu import group_end_offsets
 from moeq.integrations.base import ExpertsAdapter
-from moeq.integrations.transformers.grouped_layers import gemm_kernel, grouped_linear, routed_experts, row_experts
+from moeq.experts.plan import module_plan
+from moeq.integrations.transformers.grouped_layers import grouped_linear, routed_experts, row_experts
 from moeq.integrations.transformers.experts import EP_ONLY_DECORATED, is_transformers_class
 from moeq.experts.padding_policy import local_tensor as _local
-from moeq.numerics.recipes import group_alignment
 
 
 class _ModuleListAdapter(ExpertsAdapter):
@@ -32,6 +32,7 @@ class _ModuleListAdapter(ExpertsAdapter):
     layers ``linear_in`` (D -> F) and ``linear_out`` (F -> D), ``act`` and ``dropout``."""
 
     expert_parallel_unsupported = EP_ONLY_DECORATED
+    routes_tokens = True
     experts_class = ""
     linear_in, linear_out = "", ""
 
@@ -78,15 +79,14 @@ class _ModuleListAdapter(ExpertsAdapter):
     def expert_math(self, module: nn.Module, grouped: Tensor, offs: Tensor) -> Tensor:
         """The experts' MLP on grouped rows (groups aligned for the recipe). Returns
         (M, D); padding and slack rows hold arbitrary values (never combined)."""
-        qtype = module.moeq_recipe
-        kernel = gemm_kernel(qtype, module.moeq_kernel, grouped.device)
+        plan = module_plan(module)
         first = self.experts(module)[0]
         w_in, b_in = self.stacked(module, self.linear_in)
         w_out, b_out = self.stacked(module, self.linear_out)
         ids = row_experts(offs, grouped.shape[0]) if b_in is not None or b_out is not None else None
-        h = grouped_linear(grouped, w_in, offs, qtype, kernel, bias=b_in, expert_ids=ids)
+        h = grouped_linear(grouped, w_in, offs, plan, bias=b_in, expert_ids=ids)
         h = first.dropout(first.act(h))
-        return grouped_linear(h, w_out, offs, qtype, kernel, bias=b_out, expert_ids=ids)
+        return grouped_linear(h, w_out, offs, plan, bias=b_out, expert_ids=ids)
 
 
 class SwitchTransformersExpertsAdapter(_ModuleListAdapter):
@@ -104,7 +104,7 @@ class SwitchTransformersExpertsAdapter(_ModuleListAdapter):
         kept = selected_experts.amax(dim=-1) > 0
         weights = routing_weights * kept.to(routing_weights.dtype)
         math = functools.partial(self.expert_math, module)
-        return routed_experts(hidden_states, chosen, weights, module.num_experts, module.moeq_recipe, math)
+        return routed_experts(hidden_states, chosen, weights, module.num_experts, module_plan(module), math)
 
 
 class NllbMoeExpertsAdapter(_ModuleListAdapter):
@@ -122,15 +122,15 @@ class NllbMoeExpertsAdapter(_ModuleListAdapter):
 
     def forward(self, module, hidden_states: Tensor, router_mask: Tensor, router_probs: Tensor) -> Tensor:
         """Returns (T, D) in hidden_states.dtype."""
-        qtype, p = module.moeq_recipe, module.moe_token_dropout
+        plan, p = module_plan(module), module.moe_token_dropout
         math = functools.partial(self.expert_math, module)
         if p <= 0 or not module.training:
             # in eval the dropout is a scaling, folded into the combine's weights
             weights = router_probs if p <= 0 else router_probs * (1 - p)
-            return routed_experts(hidden_states, router_mask, weights, module.num_experts, qtype, math)
+            return routed_experts(hidden_states, router_mask, weights, module.num_experts, plan, math)
         # training: dropout acts on each weighted copy before the sum
         tokens, k = router_mask.shape
-        align = group_alignment(qtype)
+        align = plan.alignment
         grouped, counts, layout = _padding.permute_and_pad(hidden_states, router_mask, module.num_experts, align)
         out = math(grouped, group_end_offsets(counts, align))[layout.dest_rows.long()]
         out = module.token_dropout(out * router_probs.reshape(-1, 1).to(out.dtype))

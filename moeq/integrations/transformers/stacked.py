@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from moeq.experts.gemms import routed_swiglu_experts
+from moeq.experts.plan import module_plan
 from moeq.integrations.base import is_silu
 from moeq.integrations.transformers.grouped_layers import gated_experts, routed_experts
 from moeq.integrations.transformers.experts import EP_ONLY_DECORATED, TransformersExpertsAdapter, is_transformers_class
@@ -67,18 +68,22 @@ class LongcatFlashExpertsAdapter(TransformersExpertsAdapter):
     def is_plain_swiglu(self, module: nn.Module) -> bool:
         return module.zero_expert_num == 0 and is_silu(module.act_fn)
 
+    def swiglu(self, module: nn.Module) -> bool:
+        # the identity experts' rows are zeroed for the SwiGLU GEMMs, which may still fuse
+        return is_silu(module.act_fn)
+
     def forward(self, module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """Args: hidden_states (T, D); top_k_index (T, k) ids in [0, total_experts);
         top_k_weights (T, k). Returns (T, D) in hidden_states.dtype."""
         if top_k_index.numel() == 0:
             return torch.zeros_like(hidden_states)
         num_routed = module.num_routed_experts
-        qtype, kernel = module.moeq_recipe, module.moeq_kernel
+        plan = module_plan(module)
         gate_up = _local(module.gate_up_proj)[:num_routed]
         down = _local(module.down_proj)
         if module.zero_expert_num == 0 and is_silu(module.act_fn):
             return routed_swiglu_experts(
-                hidden_states, top_k_index, top_k_weights, gate_up, down, qtype, kernel,
+                hidden_states, top_k_index, top_k_weights, gate_up, down, plan,
                 weight_cache=module_weight_cache(module),
             )
 
@@ -87,13 +92,13 @@ class LongcatFlashExpertsAdapter(TransformersExpertsAdapter):
             identity = (row_group_ids(offs, grouped.shape[0]) == num_routed).unsqueeze(-1)
             zero = torch.zeros((), dtype=grouped.dtype, device=grouped.device)
             # ...and zero there, as slack rows are in every layout moeq's kernels get
-            out = gated_experts(torch.where(identity, zero, grouped), offs, gate_up, down, module.act_fn, qtype,
-                                kernel, weight_cache=module_weight_cache(module))
+            out = gated_experts(torch.where(identity, zero, grouped), offs, gate_up, down, module.act_fn, plan,
+                                weight_cache=module_weight_cache(module))
             return torch.where(identity, grouped.to(out.dtype), out)
 
         # every identity expert id becomes the one extra group num_routed
         indices = top_k_index.clamp(max=num_routed)
-        return routed_experts(hidden_states, indices, top_k_weights, num_routed + 1, qtype, expert_math)
+        return routed_experts(hidden_states, indices, top_k_weights, num_routed + 1, plan, expert_math)
 
 
 STEP3P7_EXPERTS = Step3p7ExpertsAdapter()
