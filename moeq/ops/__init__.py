@@ -1,6 +1,8 @@
-"""Quantization numerics of moeq's expert GEMMs: FP8 rowwise, MXFP8, ``quantized_grouped_mm``.
+"""moeq's ops: every torch.library op and autograd function, and the grouped-GEMM kernel
+registry (kernel names, ``resolve_experts_kernels``). Re-exports the quantization
+references of moeq.numerics for convenience.
 
-See docs/recipes.md for what each recipe quantizes where.
+See docs/recipes.md for what each recipe quantizes where, docs/design.md for the layers.
 """
 from moeq.ops.device import DeviceInfo, device_info
 from moeq.ops.registry import (
@@ -11,11 +13,14 @@ from moeq.ops.registry import (
     KERNEL_TRITON,
     EmulatedKernelWarning,
     GroupedMMKernel,
+    ExpertsKernels,
     available_kernels,
+    check_kernel_choice,
     choose_kernel,
     emulation_notice,
     kernel_names,
     register_kernel,
+    resolve_experts_kernels,
     select_kernel,
 )
 from moeq.numerics.fp8_rowwise import (
@@ -43,9 +48,11 @@ __all__ = [
     "KERNEL_TRITON",
     "DeviceInfo",
     "EmulatedKernelWarning",
+    "ExpertsKernels",
     "GroupedMMKernel",
     "MX_BLOCK_SIZE",
     "available_kernels",
+    "check_kernel_choice",
     "choose_kernel",
     "device_info",
     "emulation_notice",
@@ -62,5 +69,6 @@ __all__ = [
     "mxfp8_quantize",
     "quantized_grouped_mm",
     "register_kernel",
+    "resolve_experts_kernels",
     "select_kernel",
 ]
