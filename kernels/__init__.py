@@ -7,8 +7,10 @@ This folder sits at the top of the repository, so with the repository root on
 ``sys.path`` (``python -m pytest``, ``python -c``, a notebook started in the clone) Python
 finds it as a top-level package named ``kernels``, the name of Hugging Face's ``kernels``
 package that transformers imports. Imported under that name, this file hands the import
-over to the installed ``kernels`` package (or fails as if this folder were not there), so
-it never shadows another package. Under its own name, ``moeq.kernels``, it is a plain
+over to the installed ``kernels`` package, so it never shadows it. Where that package is
+not installed, ``kernels`` becomes what a bare folder would be: an empty namespace
+package, with no ``__file__``, no version and nothing in it, which transformers' package
+checks take for "not installed". Under its own name, ``moeq.kernels``, this is a plain
 package.
 """
 if __name__ == "kernels":
@@ -30,9 +32,12 @@ if __name__ == "kernels":
         spec = _machinery.PathFinder.find_spec("kernels", search_path)
         del _sys.modules["kernels"]
         if spec is None:
-            raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+            spec = _machinery.ModuleSpec("kernels", None, is_package=True)
+            spec.submodule_search_locations = []
         module = _util.module_from_spec(spec)
         _sys.modules["kernels"] = module
+        if spec.loader is None:
+            return
         try:
             spec.loader.exec_module(module)
         except BaseException:

@@ -8,6 +8,7 @@ call, so a parallelizer may still replace them (DTensor shards) afterwards.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -120,14 +121,31 @@ def convert_model(
         ValueError: unknown recipe or kernel, nothing matched, or a dim not divisible by
             the recipe's alignment (names the module, the dim and the multiple).
         TypeError: an experts module of a layout moeq does not know or cannot convert
-            (torchtitan's fused ``w13``, Doge's vector experts), or an expert weight
-            dtype moeq's GEMMs do not take (float16): each names the module and why.
+            (torchtitan's fused ``w13``, Doge's vector experts), an expert weight
+            dtype moeq's GEMMs do not take (float64), or ``kernel="triton"`` on weights
+            that are not bfloat16: each names the module and why.
         RuntimeError: a kernel that cannot run on the weights' device (names the ones
             that can).
     """
     qtype, found = _find_for(model, recipe, kernel, filter_fqns, "convert_model")
     convert_found(model, found, qtype, kernel)
     return model
+
+
+def warn_unfused_dtypes(model_plan: ModelPlan) -> None:
+    """Say at conversion, in one line, which modules the device's fused experts kernel
+    cannot take because of their dtype (float16/float32 weights on SM90): they run the
+    per-GEMM kernels (float16 through exact float32 copies)."""
+    other = [(m.fqn or "<root>", m.plan.dtype) for m in model_plan.modules if m.plan.unfused_dtype]
+    if other:
+        q = model_plan.recipe.value
+        dtypes = sorted({str(d).removeprefix("torch.") for _, d in other})
+        warnings.warn(
+            f"moeq: {len(other)} {q} experts module(s) ({other[0][0]}, ...) are {'/'.join(dtypes)}; the fused "
+            f"SM90 {q} experts take bfloat16, so they run the per-GEMM kernels: model.to(torch.bfloat16) "
+            f"for the fused ones",
+            stacklevel=3,
+        )
 
 
 def _find_for(model, recipe, kernel, filter_fqns, who: str):
@@ -198,6 +216,7 @@ def convert_found(model: nn.Module, found, qtype: QuantizationType, kernel: str)
     for fqn, module, adapter in found:
         check_convertible(fqn, adapter, module, qtype)
     model_plan = plan_found(model, found, qtype, kernel)
+    warn_unfused_dtypes(model_plan)
     for (fqn, module, adapter), entry in zip(found, model_plan.modules):
         convert_experts_module(
             module, qtype, kernel, adapter=adapter, fqn=fqn, incoming_alignment=entry.plan.incoming_alignment,

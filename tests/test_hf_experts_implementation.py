@@ -1,5 +1,6 @@
 """moeq in transformers' experts switch (``experts_implementation="moeq_*"``), switching
-back, pickling converted models, float16 refused at conversion, SiLU in any form.
+back, pickling converted models, float64 refused at conversion, SiLU in any form
+(float16 runs: tests/test_float16.py).
 
 Against the real transformers, tiny Qwen3-MoE / Llama 4 configs on CPU. "Bitwise" means
 torch.equal on the logits: both routes must build the very same computation.
@@ -134,13 +135,14 @@ def test_converted_model_pickles():
     assert type(clone.model.layers[0].feed_forward) is type(model.model.layers[0].feed_forward)
 
 
-def test_float16_refused_at_conversion_naming_module_dtype_and_supported():
-    msg = r"cannot convert (model\.)?layers\.0\.mlp\.experts to fp8: its expert weight gate_up_proj is float16.*bfloat16 or float32"
+def test_float64_refused_at_conversion_naming_module_dtype_and_supported():
+    msg = (r"cannot convert (model\.)?layers\.0\.mlp\.experts to fp8: its expert weight gate_up_proj is float64"
+           r".*bfloat16 or float16 or float32")
     with pytest.raises(TypeError, match=msg):
-        convert_model(_model(dtype=torch.float16), "fp8")
+        convert_model(_model(dtype=torch.float64), "fp8")
     with pytest.raises(TypeError, match=msg):
-        _model(dtype=torch.float16, experts_implementation="moeq_fp8")
-    model = _model(dtype=torch.float16)
+        _model(dtype=torch.float64, experts_implementation="moeq_fp8")
+    model = _model(dtype=torch.float64)
     with pytest.raises(TypeError, match=msg):
         model.set_experts_implementation("moeq_fp8")
     # a refused switch leaves the model as it was

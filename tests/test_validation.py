@@ -379,8 +379,40 @@ def test_compiled_experts_check_counts_on_the_device(counts):
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, c: ex(x, c), fullgraph=True, backend="aot_eager")
     assert compiled(X6(), _counts(2, 2, 2)).shape == (6, D)
-    with pytest.raises(RuntimeError, match=r"negative count.*; or num_tokens_per_expert does not sum"):
+    with pytest.raises(RuntimeError, match=r"num_tokens_per_expert: a count is negative or the counts do not fit x's rows"):
         compiled(X6(), counts)
+
+
+def test_device_messages_fit_torch_limit(monkeypatch):
+    """Every message moeq hands torch._assert_async fits its limit (CUDA refuses 255+
+    characters even when the condition holds), and a cut message keeps its start."""
+    from moeq import validation
+
+    seen = []
+
+    def assert_async_as_cuda(cond, msg=""):
+        if len(msg) >= 255:  # what CUDA's kernel launch does
+            raise RuntimeError("Message length must be smaller than 255")
+        seen.append(msg)
+        assert bool(cond), msg
+
+    monkeypatch.setattr(torch, "_assert_async", assert_async_as_cuda)
+    monkeypatch.setattr(validation, "checks_read_on_host", lambda t: False)
+    long = "num_tokens_per_expert is wrong: " + "explain " * 60
+    cut = validation.device_message(long)
+    assert len(cut) == validation.DEVICE_MESSAGE_LIMIT and cut.startswith("num_tokens_per_expert is wrong")
+    validation.assert_on_device(torch.tensor(True), long)
+    # right input through the entry points, value checks as on CUDA
+    ex = moeq.GroupedExperts(D, 32, 4)
+    ex(X6(), _counts(2, 2, 0, 2))
+    ex(X6(), _counts(0, 0, 0, 6))
+    x = torch.randn(16, D)
+    padded, layout = moeq.pad_token_groups(x, torch.tensor([3, 5, 0, 8]), 16)
+    moeq.unpad_token_groups(padded, layout)
+    moeq.permute_and_pad(x, torch.randint(0, 4, (16, 2)), 4, 16)
+    assert seen and all(len(m) < 255 for m in seen), max(seen, key=len)
+    with pytest.raises(AssertionError, match="num_tokens_per_expert: a count is negative"):
+        ex(X6(), _counts(1, 2, 0, 2))
 
 
 _CUDA_SCRIPT = """

@@ -19,6 +19,7 @@ from moeq.experts.padding_policy import pads_for
 from moeq.experts.plan import ExpertsPlan
 from moeq.numerics.recipes import QuantizationType
 from moeq.ops.grouped_mm import planned_grouped_mm
+from moeq.numerics.validation import assert_on_device
 
 
 def cached_weights(weight_cache, qtype, x, gate_up_proj, down_proj):
@@ -46,7 +47,7 @@ def swiglu_experts_quantized(x, gate_up_proj, down_proj, offs, plan: ExpertsPlan
         (M, D) in x.dtype; slack rows (and their input gradient) are zero.
     """
     qtype = plan.recipe
-    if plan.fused is not None:
+    if plan.fused is not None and x.dtype in plan.fused.dtypes:
         qw = cached_weights(weight_cache, qtype, x, gate_up_proj, down_proj)
         return plan.fused.swiglu_experts(x, gate_up_proj, down_proj, offs, qtype, quantized_weights=qw)
     h = swiglu(planned_grouped_mm(x, gate_up_proj, offs, qtype, plan.per_gemm))
@@ -72,7 +73,7 @@ def routed_swiglu_experts(
     """
     num_experts = gate_up_proj.shape[0]
     qtype, align = plan.recipe, plan.alignment
-    if plan.fused is not None and tokens.dtype == torch.bfloat16:
+    if plan.fused is not None and tokens.dtype in plan.fused.dtypes:
         # straight from the routing: MXFP8 fuses the gather into its fake-quant pass, FP8
         # folds the routing weights into the down GEMM's epilogue
         qw = cached_weights(weight_cache, qtype, tokens, gate_up_proj, down_proj)
@@ -142,7 +143,7 @@ def align_token_groups(
         # (zeros for the GEMMs, which see only the first E groups) and unpadding puts
         # them back in place, so no shape depends on how many there are.
         slack = x.shape[0] - counts.sum()
-        torch._assert_async(
+        assert_on_device(
             slack >= 0,
             "num_tokens_per_expert sums to more rows than x has: pass the per-expert row counts of x",
         )

@@ -73,6 +73,9 @@ class ExpertsPlan:
         gemms: every GEMM with its kernel and why.
         emulated: how the recipe's numerics are emulated here, or None.
         faster: the faster options where the chosen path emulates, or None.
+        pending: made on the meta device; kernels are resolved on a real one.
+        unfused_dtype: the device runs a fused experts kernel, but not in ``dtype``
+            (float16/float32 weights): the module runs per GEMM.
     """
 
     recipe: QuantizationType
@@ -90,6 +93,7 @@ class ExpertsPlan:
     emulated: Optional[str]
     faster: Optional[str]
     pending: bool = False
+    unfused_dtype: bool = False
 
     def matches(self, weight: torch.Tensor) -> bool:
         """True when the plan was made for ``weight``'s device and dtype."""
@@ -163,6 +167,14 @@ def build_plan(
             the ones that can).
     """
     check_kernel_choice(kernel)
+    if kernel != KERNEL_AUTO and recipe is not QuantizationType.BF16:
+        chosen = get_kernel(kernel)
+        if chosen.fused and chosen.dtypes is not None and dtype not in chosen.dtypes:
+            takes = " or ".join(sorted(str(d).removeprefix("torch.") for d in chosen.dtypes))
+            raise TypeError(
+                f"kernel={kernel!r} ({recipe.value} fused Hopper experts) takes {takes} activations, got {dtype}: "
+                f"cast the model to {takes}, or use kernel='auto' (per-GEMM kernels in {dtype})"
+            )
     device = torch.device(device)
     alignment = GROUP_ALIGNMENT[recipe]
     pads = pads_for(alignment, incoming_alignment) and not routes_tokens
@@ -183,6 +195,9 @@ def build_plan(
         return ExpertsPlan(**common, fused=None, per_gemm=per_gemm, gemms=gemms, emulated=None, faster=None)
     resolved = resolve_experts_kernels(kernel, recipe, device)
     fused = resolved.fused if swiglu else None
+    unfused_dtype = fused is not None and fused.dtypes is not None and dtype not in fused.dtypes
+    if unfused_dtype:
+        fused = None
     per_gemm = resolved.per_gemm
     gemm_emulated = per_gemm.reason_emulated(recipe, device)
     gemm_note = "; its own backward computes both gradients" if per_gemm.grouped_mm is not None else ""
@@ -197,10 +212,15 @@ def build_plan(
         why = resolved.per_gemm_why + gemm_note
         if not swiglu and resolved.fused is not None:
             why += f" (the fused {resolved.fused.name!r} kernel covers plain SwiGLU experts only)"
+        if unfused_dtype:
+            why += f" (the fused {resolved.fused.name!r} kernel does not take {str(dtype).removeprefix('torch.')})"
         gemms = tuple(GemmPlan(g, per_gemm.name, why, gemm_emulated) for g in _PER_GEMM_NAMES)
         emulated, chosen = gemm_emulated, per_gemm
     faster = faster_option(recipe, device, chosen) if emulated else None
-    return ExpertsPlan(**common, fused=fused, per_gemm=per_gemm, gemms=gemms, emulated=emulated, faster=faster)
+    return ExpertsPlan(
+        **common, fused=fused, per_gemm=per_gemm, gemms=gemms, emulated=emulated, faster=faster,
+        unfused_dtype=unfused_dtype,
+    )
 
 
 def _runs_bf16(kernel: str) -> bool:

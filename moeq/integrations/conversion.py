@@ -40,8 +40,8 @@ def check_dims(fqn: str, adapter: ExpertsAdapter, module: nn.Module, qtype: Quan
 def check_dtypes(fqn: str, adapter: ExpertsAdapter, module: nn.Module, qtype: QuantizationType) -> None:
     """Raise TypeError (naming the module, the tensor, its dtype and the supported ones) if
     an expert weight of ``module`` (``adapter.local_weights``) has a dtype moeq's grouped
-    GEMMs do not take (float16, float64, ...): refused here rather than at the first
-    forward."""
+    GEMMs do not take (float64, ...): refused here rather than at the first
+    forward. float16 is taken: quantized recipes quantize it through exact float32 copies."""
     for name, weight in adapter.local_weights(module).items():
         if weight.dtype not in INPUT_DTYPES:
             supported = " or ".join(str(d).removeprefix("torch.") for d in INPUT_DTYPES)

@@ -159,7 +159,26 @@ def device_check(
         if not bool(cond):
             raise error(detail() if detail is not None else message)
     else:
-        torch._assert_async(cond, message)
+        assert_on_device(cond, message)
+
+
+# torch._assert_async refuses (RuntimeError, on CUDA) a message of 255 characters or more,
+# even when the condition holds: a long message would crash right input.
+DEVICE_MESSAGE_LIMIT = 254
+
+
+def device_message(message: str) -> str:
+    """``message`` cut to fit ``torch._assert_async`` (at most ``DEVICE_MESSAGE_LIMIT``
+    characters): its start, which names the argument and the problem, is kept."""
+    if len(message) <= DEVICE_MESSAGE_LIMIT:
+        return message
+    return message[: DEVICE_MESSAGE_LIMIT - 3].rstrip() + "..."
+
+
+def assert_on_device(cond: torch.Tensor, message: str) -> None:
+    """``torch._assert_async(cond, message)`` with the message cut to torch's limit
+    (:func:`device_message`): no host sync; a false ``cond`` fails a device-side assert."""
+    torch._assert_async(cond, device_message(message))
 
 
 def check_counts_values(
@@ -192,7 +211,11 @@ def check_counts_values(
     else:
         # no size in the message: formatting a symbolic size under torch.compile would
         # specialise the graph on it
-        torch._assert_async((counts >= 0).all() & fits, f"{negative}; or " + bad_sum.format(name=name, rows=""))
+        short = (
+            f"{name}: a count is negative or the counts do not fit x's rows; pass x's per-expert row counts"
+            + ("" if group_alignment is None or group_alignment <= 1 else f" of its padded layout (alignment {group_alignment})")
+        )
+        assert_on_device((counts >= 0).all() & fits, short)
 
 
 def normalize_filter_fqns(filter_fqns: FilterLike) -> Union[None, Tuple[str, ...], Callable]:

@@ -69,6 +69,7 @@ import torch
 from moeq.kernels import fp8_gemm as _g
 from moeq.kernels import fp8_rowwise as _k
 from moeq.kernels import fp8_strips as _s
+from moeq.numerics.validation import assert_on_device
 
 _OUT_DTYPE = torch.bfloat16  # torch._scaled_grouped_mm's only output dtype
 # Hopper's FP8 tensor cores without periodic fp32 promotion, as torchao runs them: the
@@ -190,7 +191,7 @@ class _Fp8SwiGLUExperts(torch.autograd.Function):
             wgu_row, wgu_row_inv = qweights.gate_up.row, qweights.gate_up.row_inv
             wd_row, wd_row_inv = qweights.down.row, qweights.down.row_inv
         xq = _s.quantize_dual_strips(x, offs, rowwise=True, colwise=need_gu)
-        torch._assert_async(
+        assert_on_device(
             xq.offs_ok,
             "fp8_swiglu_experts: offs must be non-decreasing int32 group ends, each a multiple of "
             "GROUP_ALIGNMENT[FP8] and <= x.shape[0]: pad token groups (moeq.ops.padding) first",

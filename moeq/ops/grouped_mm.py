@@ -23,8 +23,12 @@ from moeq.numerics.validation import device_check as _check
 
 # The operand dtypes every recipe's grouped GEMMs take (convert_model refuses other
 # expert-weight dtypes at conversion).
-INPUT_DTYPES = (torch.bfloat16, torch.float32)
+INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _INPUT_DTYPES = INPUT_DTYPES
+# The quantizing kernels read bfloat16 or float32. float16 is exact in float32, so a
+# float16 operand is quantized from its float32 copy: the same FP8 / MXFP8 values as
+# quantizing the float16 numbers directly.
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 # A plain-dict copy: dynamo cannot trace lookups in a mappingproxy with enum keys.
 _GROUP_ALIGNMENT = dict(GROUP_ALIGNMENT)
 # torch._scaled_grouped_mm needs 16-byte aligned strides: 16 e4m3 elements.
@@ -51,7 +55,7 @@ def _validate_static(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, qtype
         raise ValueError(f"b must be 3D (experts, N, K) in the (out, in) layout, got shape {tuple(b.shape)}")
     for name, t in (("a", a), ("b", b)):
         if t.dtype not in _INPUT_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; quantized_grouped_mm takes bfloat16 or float32")
+            raise TypeError(f"{name} has dtype {t.dtype}; quantized_grouped_mm takes bfloat16, float16 or float32")
     if qtype is QuantizationType.BF16 and a.dtype != b.dtype:
         raise TypeError(
             f"the bf16 recipe runs torch._grouped_mm, which needs a and b of one dtype; got "
@@ -175,8 +179,9 @@ def quantized_grouped_mm(
     """Grouped GEMM ``a[group e] @ b[e].T`` with the recipe's numerics, differentiable.
 
     Args:
-        a: (M, K) bfloat16/float32, rows grouped by expert (expert 0's rows first).
-        b: (E, N, K) bfloat16/float32 expert weights in the stored (out, in) layout.
+        a: (M, K) bfloat16/float16/float32, rows grouped by expert (expert 0's rows first).
+        b: (E, N, K) bfloat16/float16/float32 expert weights in the stored (out, in) layout.
+            Quantized recipes read float16 operands through exact float32 copies.
         offs: (E,) int32 cumulative group end offsets on a's device; group ``e`` is rows
             ``[offs[e-1], offs[e])``. For FP8/MXFP8 every group starts at a multiple of
             ``GROUP_ALIGNMENT[qtype]`` (16/32) rows; empty groups are fine. Rows at or
@@ -232,6 +237,12 @@ def planned_grouped_mm(
     q = qtype
     if not validated:
         _validate_static(a, b, offs, q)
+    if q is not QuantizationType.BF16 and (a.dtype not in _KERNEL_DTYPES or b.dtype not in _KERNEL_DTYPES):
+        out_dtype = a.dtype
+        a = a if a.dtype in _KERNEL_DTYPES else a.float()
+        b = b if b.dtype in _KERNEL_DTYPES else b.float()
+        out = planned_grouped_mm(a, b, offs, q, impl, check_finite=check_finite, validated=True)
+        return _cast(out, out_dtype)
     _validate_offsets(offs, a.shape[0], q)
     checks = _finite_checks_on(check_finite, a.device)
     if checks:

@@ -14,6 +14,9 @@ import torch
 from moeq.numerics.recipes import QuantizationType
 from moeq.ops.device import DeviceInfo
 
+# The fused Hopper blocks read and return bfloat16 activations.
+FUSED_DTYPES = frozenset({torch.bfloat16})
+
 
 def unsupported_reason(qtype: QuantizationType, device: DeviceInfo) -> Optional[str]:
     """None on an NVIDIA SM90 GPU (H100/H200), else why the fused kernels cannot run."""

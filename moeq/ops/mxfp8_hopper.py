@@ -47,6 +47,7 @@ from moeq.ops.padding import combine_token_groups, route_tokens
 from moeq.numerics.groups import zero_slack_rows
 from moeq.numerics.mxfp8 import MX_BLOCK_SIZE, mxfp8_fake_quantize
 from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType
+from moeq.numerics.validation import assert_on_device
 
 _ALIGN = GROUP_ALIGNMENT[QuantizationType.MXFP8]
 
@@ -238,7 +239,7 @@ def _assert_offsets(offs: torch.Tensor, num_rows: int) -> None:
     # alignment (an empty group has no blocks to straddle), ends non-decreasing and in range.
     starts = torch.cat([offs.new_zeros(1), offs[:-1]])
     ok = ((starts % _ALIGN == 0) | (offs == starts)).all() & (offs >= starts).all() & (offs[-1] <= num_rows)
-    torch._assert_async(
+    assert_on_device(
         ok,
         f"mxfp8_swiglu_experts: offs must be non-decreasing, end at <= {num_rows} rows, and every non-empty group "
         f"must start at a multiple of {_ALIGN} (GROUP_ALIGNMENT[MXFP8]); pad the token groups with moeq.pad_token_groups",

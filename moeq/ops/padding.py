@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from moeq.ops.eager import eager_fast_op
-from moeq.numerics.validation import check_int
+from moeq.numerics.validation import assert_on_device, check_int
 from moeq.kernels import padding as _k
 
 __all__ = [
@@ -120,8 +120,8 @@ def _check_counts(counts: Tensor, x: Tensor) -> None:
 
 def _assert_counts_host(counts: Tensor, num_rows) -> None:
     # reference path: specific messages; torch._assert_async raises at once off CUDA
-    torch._assert_async((counts >= 0).all(), "num_tokens_per_group has a negative count; " + _COUNTS_MSG)
-    torch._assert_async(
+    assert_on_device((counts >= 0).all(), "num_tokens_per_group has a negative count; " + _COUNTS_MSG)
+    assert_on_device(
         counts.sum() == num_rows,
         "num_tokens_per_group does not sum to the number of rows of x; " + _COUNTS_MSG,
     )
@@ -153,7 +153,7 @@ def padded_rows(num_rows: int, num_groups: int, alignment: Optional[int]) -> int
 def _pad_impl(x: Tensor, counts: Tensor, alignment: int, num_out_rows: int) -> Tuple[Tensor, Tensor, Tensor]:
     if _use_triton(x):
         padded, offs, starts, ok = _k.pad_triton(x, counts, alignment, num_out_rows)
-        torch._assert_async(ok, _COUNTS_MSG)
+        assert_on_device(ok, _COUNTS_MSG)
         return padded, offs, starts
     _assert_counts_host(counts, x.shape[0])
     return _k.pad_reference(x, counts, alignment, num_out_rows)
@@ -225,9 +225,9 @@ def _permute_any(x, expert_indices, num_experts, alignment, num_out_rows, share_
         *out, ok = _k.permute_and_pad_triton(
             x, expert_indices, num_experts, alignment, num_out_rows, share_buffers=share_buffers
         )
-        torch._assert_async(ok, _INDICES_MSG)
+        assert_on_device(ok, _INDICES_MSG)
         return tuple(out)
-    torch._assert_async(((expert_indices >= 0) & (expert_indices < num_experts)).all(), _INDICES_MSG)
+    assert_on_device(((expert_indices >= 0) & (expert_indices < num_experts)).all(), _INDICES_MSG)
     return _k.permute_and_pad_reference(x, expert_indices, num_experts, alignment, num_out_rows)
 
 
@@ -262,9 +262,9 @@ def _route_impl(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if expert_indices.device.type == "cuda" and _k.HAS_TRITON:
         *out, ok = _k.route_triton(expert_indices, num_experts, alignment, num_out_rows)
-        torch._assert_async(ok, _INDICES_MSG)
+        assert_on_device(ok, _INDICES_MSG)
         return tuple(out)
-    torch._assert_async(((expert_indices >= 0) & (expert_indices < num_experts)).all(), _INDICES_MSG)
+    assert_on_device(((expert_indices >= 0) & (expert_indices < num_experts)).all(), _INDICES_MSG)
     return _k.route_reference(expert_indices, num_experts, alignment, num_out_rows)
 
 

@@ -113,6 +113,8 @@ class GroupedMMKernel:
             only takes native kernels (then falls back to "emulated").
         priority: "auto" takes the highest-priority native kernel; an int, or a
             ``{qtype: int}`` mapping (recipes missing from it get 0).
+        swiglu_experts, routed_swiglu_experts: the fused-experts form (see the module
+            docstring). dtypes: the activation dtypes a fused kernel takes (None: any).
     """
 
     name: str
@@ -124,6 +126,7 @@ class GroupedMMKernel:
     grouped_mm: Optional[GemmFn] = None
     swiglu_experts: Optional[Callable[..., torch.Tensor]] = None
     routed_swiglu_experts: Optional[Callable[..., torch.Tensor]] = None
+    dtypes: Optional[FrozenSet[torch.dtype]] = None
     emulation_reason: ReasonFn = runs_natively
     priority: Union[int, Mapping[QuantizationType, int]] = 0
 
@@ -506,6 +509,7 @@ register_kernel(
         qtypes=frozenset({QuantizationType.FP8, QuantizationType.MXFP8}),
         swiglu_experts=_hopper.swiglu_experts,
         routed_swiglu_experts=_hopper.routed_swiglu_experts,
+        dtypes=_hopper.FUSED_DTYPES,
         unsupported_reason=_hopper.unsupported_reason,
         emulation_reason=_hopper.emulation_reason,
         priority=30,

@@ -17,7 +17,7 @@ parts as soon as transformers imports ``transformers.integrations.moe`` and
   so that the choice reaches every experts module (:func:`apply_experts_implementation`):
   while a model's config names a moeq implementation, each experts module it governs is
   converted exactly as ``moeq.convert_model(model, recipe)`` (kernel ``"auto"``) converts
-  it, with the same checks (dims, dtypes: a float16 model is refused when it is built or
+  it, with the same checks (dims, dtypes: a float64 model is refused when it is built or
   switched); when the config names any other implementation, converted modules get their
   original class back, so they compute bitwise as the unconverted model. This also
   undoes ``convert_model``: after it, ``set_experts_implementation("grouped_mm")`` really
@@ -38,6 +38,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from torch import nn
 
+from moeq.integrations.versions import moved_internal
 from moeq.ops.registry import KERNEL_AUTO
 from moeq.numerics.recipes import QuantizationType
 
@@ -237,20 +238,30 @@ def _after_set(model, experts_implementation) -> None:
 def register_experts_functions() -> None:
     """Register ``moeq_bf16`` / ``moeq_fp8`` / ``moeq_mxfp8`` in
     ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`` (idempotent)."""
-    from transformers.integrations.moe import ExpertsInterface
+    try:
+        from transformers.integrations.moe import ExpertsInterface
 
+        register = ExpertsInterface.register
+    except (ImportError, AttributeError) as e:
+        raise moved_internal("transformers", "transformers.integrations.moe.ExpertsInterface.register", e) from e
     for name, qtype in IMPLEMENTATIONS.items():
-        ExpertsInterface.register(name, _experts_forward(qtype))
+        register(name, _experts_forward(qtype))
 
 
 def wrap_pretrained_model() -> None:
     """Wrap ``PreTrainedModel.post_init`` / ``set_experts_implementation`` so a choice
     reaches every experts module (:func:`apply_experts_implementation`). Idempotent."""
-    from transformers.modeling_utils import PreTrainedModel
+    try:
+        from transformers.modeling_utils import PreTrainedModel
 
+        methods = {name: getattr(PreTrainedModel, name) for name in ("post_init", "set_experts_implementation")}
+    except (ImportError, AttributeError) as e:
+        raise moved_internal(
+            "transformers", "PreTrainedModel.post_init / set_experts_implementation (transformers.modeling_utils)", e
+        ) from e
     # a failed post_init fails the model's construction: nothing to restore there
     for name, hook, restore in (("post_init", _after_post_init, False), ("set_experts_implementation", _after_set, True)):
-        method = getattr(PreTrainedModel, name)
+        method = methods[name]
         if not getattr(method, _WRAPPED, False):
             setattr(PreTrainedModel, name, _after(method, hook, restore_configs=restore))
 

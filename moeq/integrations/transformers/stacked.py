@@ -26,7 +26,7 @@ from moeq.experts.weight_cache import module_weight_cache
 
 class Step3p7ExpertsAdapter(TransformersExpertsAdapter):
     """Step 3.7 ``Step3p7Experts``: SwiGLU with an optional clamp (``limit``: the gate
-    clamped above, the up projection to [-limit, limit]). Unclamped experts (limit inf)
+    clamped above, the up projection to [-limit, limit]). Unclamped experts (limit None or inf)
     take the fused SwiGLU path; clamped ones run per GEMM with their own ``_apply_gate``."""
 
     family = "transformers Step3p7Experts"
@@ -36,7 +36,9 @@ class Step3p7ExpertsAdapter(TransformersExpertsAdapter):
         return is_transformers_class(module, "Step3p7Experts") and hasattr(module, "gate_up_proj")
 
     def is_plain_swiglu(self, module: nn.Module) -> bool:
-        return is_silu(module.act_fn) and math.isinf(module.limit)
+        # transformers 5.25 writes no clamp as limit=None (earlier releases: inf)
+        limit = getattr(module, "limit", None)
+        return is_silu(module.act_fn) and (limit is None or math.isinf(limit))
 
 
 class LongcatFlashExpertsAdapter(TransformersExpertsAdapter):
