@@ -386,7 +386,7 @@ def test_compiled_experts_check_counts_on_the_device(counts):
 def test_device_messages_fit_torch_limit(monkeypatch):
     """Every message moeq hands torch._assert_async fits its limit (CUDA refuses 255+
     characters even when the condition holds), and a cut message keeps its start."""
-    from moeq import validation
+    from moeq.numerics import validation
 
     seen = []
 
