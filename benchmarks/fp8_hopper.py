@@ -258,7 +258,7 @@ def sweep_tiles(do_bench, shape="dsv3_ep8_local"):
         ta = {}
         for cfg in A:
             try:
-                f = lambda: k._dual_quantize_impl(mode, src, aux, o, E, True, True, tiles=(cfg, B[0]), run_b=False)
+                f = lambda: k.dual_quantize_impl(mode, src, aux, o, E, True, True, tiles=(cfg, B[0]), run_b=False)
                 ta[cfg] = do_bench(f, warmup=5, rep=25, return_mode="median")
             except Exception as ex:  # noqa: BLE001
                 log(f"  sweep {key} A{cfg} failed: {ex!r}"[:300])
@@ -266,7 +266,7 @@ def sweep_tiles(do_bench, shape="dsv3_ep8_local"):
         tb = {}
         for cfg in B:
             try:
-                f = lambda: k._dual_quantize_impl(mode, src, aux, o, E, True, True, tiles=(best_a, cfg))
+                f = lambda: k.dual_quantize_impl(mode, src, aux, o, E, True, True, tiles=(best_a, cfg))
                 tb[cfg] = do_bench(f, warmup=5, rep=25, return_mode="median") - ta[best_a]
             except Exception as ex:  # noqa: BLE001
                 log(f"  sweep {key} B{cfg} failed: {ex!r}"[:300])

@@ -193,14 +193,14 @@ def _check_dual_quant_random() -> None:
     for tiles in (((16, 32, 4, 4), (32, 32, 4, 1)), ((32, 64, 4, 2), (16, 64, 4, 0))):
         for mode, src, aux in ((k.MODE_PLAIN, x, None), (k.MODE_SWIGLU, gate_up, None),
                                (k.MODE_SWIGLU_BWD, gate_up, grad_h)):
-            want = k._dual_quantize_impl(mode, src, aux, offs, 3, True, True)
-            got = k._dual_quantize_impl(mode, src, aux, offs, 3, True, True, tiles=tiles)
+            want = k.dual_quantize_impl(mode, src, aux, offs, 3, True, True)
+            got = k.dual_quantize_impl(mode, src, aux, offs, 3, True, True, tiles=tiles)
             for i, name in enumerate(("row", "row_inv", "col", "col_inv")):
                 g, w = (got[i][:, :m], want[i][:, :m]) if name == "col" else (got[i], want[i])  # storage padding
                 _assert_bitwise(g, w, f"mode {mode} tiles {tiles} {name}")
         w = torch.randn(2 * 48, 160, generator=gen).bfloat16()
-        want = k._dual_quantize_impl(k.MODE_PLAIN, w, None, None, 2, True, True)
-        got = k._dual_quantize_impl(k.MODE_PLAIN, w, None, None, 2, True, True, tiles=tiles)
+        want = k.dual_quantize_impl(k.MODE_PLAIN, w, None, None, 2, True, True)
+        got = k.dual_quantize_impl(k.MODE_PLAIN, w, None, None, 2, True, True, tiles=tiles)
         for i in range(4):
             _assert_bitwise(got[i], want[i], f"weight tiles {tiles} output {i}")
 

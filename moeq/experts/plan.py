@@ -169,7 +169,7 @@ def build_plan(
     check_kernel_choice(kernel)
     if kernel != KERNEL_AUTO and recipe is not QuantizationType.BF16:
         chosen = get_kernel(kernel)
-        if chosen.fused and chosen.dtypes is not None and dtype not in chosen.dtypes:
+        if chosen.fused and not _fused_takes(chosen, dtype):
             takes = " or ".join(sorted(str(d).removeprefix("torch.") for d in chosen.dtypes))
             raise TypeError(
                 f"kernel={kernel!r} ({recipe.value} fused Hopper experts) takes {takes} activations, got {dtype}: "
@@ -195,7 +195,7 @@ def build_plan(
         return ExpertsPlan(**common, fused=None, per_gemm=per_gemm, gemms=gemms, emulated=None, faster=None)
     resolved = resolve_experts_kernels(kernel, recipe, device)
     fused = resolved.fused if swiglu else None
-    unfused_dtype = fused is not None and fused.dtypes is not None and dtype not in fused.dtypes
+    unfused_dtype = fused is not None and not _fused_takes(fused, dtype)
     if unfused_dtype:
         fused = None
     per_gemm = resolved.per_gemm
@@ -221,6 +221,12 @@ def build_plan(
         **common, fused=fused, per_gemm=per_gemm, gemms=gemms, emulated=emulated, faster=faster,
         unfused_dtype=unfused_dtype,
     )
+
+
+def _fused_takes(kernel: GroupedMMKernel, weight_dtype: torch.dtype) -> bool:
+    """Whether a fused kernel can run a module whose weights are ``weight_dtype``: one of
+    its activation dtypes, or float32 (master weights; the activations decide per call)."""
+    return kernel.dtypes is None or weight_dtype in kernel.dtypes or weight_dtype == torch.float32
 
 
 def _runs_bf16(kernel: str) -> bool:

@@ -138,7 +138,7 @@ class GroupedMMKernel:
         forms = [any(f is not None for f in per_gemm), self.grouped_mm is not None, any(f is not None for f in fused)]
         if forms.count(True) != 1 or (forms[2] and not all(fused)):
             raise TypeError(
-                f"kernel {self.name!r}: give exactly one form: forward, dgrad and wgrad; or grouped_mm; "
+                f"kernel {self.name!r}: give one form, not both: forward, dgrad and wgrad; or grouped_mm; "
                 f"or swiglu_experts and routed_swiglu_experts"
             )
 
