@@ -24,8 +24,17 @@ def _run(code: str, *flags: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_bare_kernels_from_repo_root_is_not_this_folder():
-    pytest.importorskip("kernels")
+def test_bare_kernels_from_repo_root_is_the_installed_package():
+    from importlib import metadata
+
+    try:
+        metadata.version("kernels")
+    except metadata.PackageNotFoundError:
+        # covered by test_bare_kernels_without_the_package_is_an_empty_namespace, here too
+        code = "import kernels; assert getattr(kernels, '__file__', None) is None; print('empty')"
+        done = _run(code)
+        assert done.returncode == 0 and done.stdout.strip() == "empty", done.stderr
+        return
     code = (
         "import sys, os, kernels\n"
         "assert sys.path[0] == '', sys.path[0]\n"

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from moeq.ops import padding as _padding
 from moeq.experts.gemms import routed_swiglu_experts, swiglu_experts_quantized
 from moeq.experts.swiglu import group_end_offsets, swiglu_experts
-from moeq.integrations.base import ExpertsAdapter, is_silu, local_parameters
+from moeq.integrations.base import ExpertsAdapter, is_silu, local_parameters, original_class
 from moeq.experts.plan import module_plan
 from moeq.integrations.transformers.grouped_layers import grouped_linear, row_experts
 from moeq.experts.padding_policy import local_tensor as _local
@@ -71,6 +71,13 @@ def _flag(module: nn.Module, name: str) -> bool:
     return bool(getattr(module, name, defaults[name]))
 
 
+def _is_decorated_forward(forward) -> bool:
+    # @use_experts_implementation replaces forward by a wrapper defined in
+    # transformers/integrations/moe.py (functools.wraps keeps the original's name)
+    code = getattr(forward, "__code__", None)
+    return code is not None and code.co_filename.replace("\\", "/").endswith("transformers/integrations/moe.py")
+
+
 class TransformersExpertsAdapter(ExpertsAdapter):
     """Generic ``@use_experts_implementation`` experts (transformers 5.x)."""
 
@@ -80,6 +87,23 @@ class TransformersExpertsAdapter(ExpertsAdapter):
     def matches(self, module: nn.Module) -> bool:
         return all(hasattr(module, a) for a in ("is_transposed", "has_gate", "has_bias", "config")) and hasattr(
             module, "down_proj"
+        )
+
+    def unconvertible(self, module: nn.Module) -> Optional[str]:
+        """A subclass whose own ``forward`` wraps the decorated experts forward (Ergo's
+        ``ErgoExperts``: one row per route, then a per-expert RMSNorm) does math around the
+        GEMMs that moeq's converted forward, which replaces the decorated one, would drop."""
+        mro = original_class(module).__mro__
+        decorated = next((i for i, k in enumerate(mro) if _is_decorated_forward(k.__dict__.get("forward"))), None)
+        if decorated is None:
+            return None
+        wrapper = next((k for k in mro[:decorated] if "forward" in k.__dict__), None)
+        if wrapper is None:
+            return None
+        return (
+            f"{wrapper.__name__}.forward wraps the experts forward that @use_experts_implementation decorates "
+            f"({mro[decorated].__name__}) with math of its own, which a converted forward would drop; moeq "
+            f"converts experts whose forward is the decorated one"
         )
 
     def dims(self, module: nn.Module) -> Dict[str, int]:
