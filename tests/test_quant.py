@@ -501,7 +501,7 @@ def _ok_inputs(qtype="mxfp8"):
         (lambda a, b, o: (a, b, o.long()), TypeError, "offs must be a 1D int32"),
         (lambda a, b, o: (a, b, o[None]), TypeError, "offs must be a 1D int32"),
         (lambda a, b, o: (a, b, o[:1]), ValueError, "offs has 1 entries but b has 2 experts"),
-        (lambda a, b, o: (a.half(), b, o), TypeError, "a has dtype torch.float16"),
+        (lambda a, b, o: (a.double(), b, o), TypeError, "a has dtype torch.float64"),
         (lambda a, b, o: (a[:, :48], b[..., :48], o), ValueError, r"K = a.shape\[1\] = b.shape\[2\] is 48, not a multiple of 32"),
         (lambda a, b, o: (a, b[:, :16], o), ValueError, r"N = b.shape\[1\] is 16, not a multiple of 32"),
         (lambda a, b, o: (a, b[..., :32], o), ValueError, "contraction dims differ"),
