@@ -60,9 +60,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 import moeq  # noqa: E402
-from moeq.recipes import RECIPE_NAMES  # noqa: E402
+from moeq.numerics.recipes import RECIPE_NAMES  # noqa: E402
 
-from moeq.parallel.quantized_dispatch import QUANTIZED_RECIPES  # noqa: E402
+from moeq.ops.quantized_dispatch import QUANTIZED_RECIPES  # noqa: E402
 
 QUANTIZED = tuple(q.value for q in QUANTIZED_RECIPES)  # recipes whose dispatch can send quantized rows
 
@@ -226,7 +226,7 @@ def max_over_ranks(values, device):
 def dispatch_only_ms(m, x, idx, args, device, quantized):
     """Forward dispatch alone (no grad): bf16 all-to-all + gather into the padded layout, or
     pack + all-to-all of packed rows + gather/dequantize. Uses the last step's plan."""
-    from moeq.padding import permute_and_pad
+    from moeq.ops.padding import permute_and_pad
     from moeq.parallel import expert_parallel as epmod
 
     plan = m.expert_dispatcher.last_plan
@@ -322,7 +322,7 @@ def bench_recipe(args, recipe, mesh, rank, world, device):
         row[f"dispatch_fwd_ms{key}"] = max_over_ranks([ms], device)[0]
         # the all-to-all alone, and its achieved rate for the bytes leaving each rank
         if name == "quantized":
-            from moeq.parallel.quantized_dispatch import packed_row_bytes
+            from moeq.ops.quantized_dispatch import packed_row_bytes
 
             row_bytes = packed_row_bytes(args.dim, recipe)
         else:
@@ -331,7 +331,7 @@ def bench_recipe(args, recipe, mesh, rank, world, device):
         row[f"a2a_fwd_ms{key}"] = a2a_ms
         row[f"a2a_fwd_remote_GBps{key}"] = first_rem * mib / (a2a_ms * 1e-3) / 1e9 if a2a_ms > 0 else None
     if quantizable:
-        from moeq.parallel.quantized_dispatch import packed_row_bytes
+        from moeq.ops.quantized_dispatch import packed_row_bytes
 
         row["packed_row_bytes"] = packed_row_bytes(args.dim, recipe)
         row["bf16_row_bytes"] = args.dim * x.element_size()

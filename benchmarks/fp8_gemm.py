@@ -81,9 +81,9 @@ def rowwise(t, dim=-1):
 
 
 def mx_quant(t):
-    """MXFP8 along the last dim (moeq.quant.mxfp8, torchao RCEIL numerics): e4m3 data, float32
+    """MXFP8 along the last dim (moeq.numerics.mxfp8, torchao RCEIL numerics): e4m3 data, float32
     power-of-two factor per 32, and the bf16 fake-quant copy (the exact path's operand)."""
-    from moeq.quant.mxfp8 import mxfp8_dequantize, mxfp8_quantize
+    from moeq.numerics.mxfp8 import mxfp8_dequantize, mxfp8_quantize
 
     q, e8 = mxfp8_quantize(t)
     scale = (e8.view(torch.uint8).to(torch.int32) << 23).view(torch.float32)

@@ -7,7 +7,7 @@ Dirichlet(1) split of M rows rounded down to multiples of 16, remainder to exper
 
 * ``bf16``: ``torch._grouped_mm`` SwiGLU with separate gate / up weights (the issue's baseline);
 * ``torchao``: the same graph with torchao's ``_to_fp8_rowwise_then_scaled_grouped_mm``;
-* ``moeq``: ``moeq.quant.fp8_hopper.fp8_swiglu_experts`` on the fused (E, 2H, D) weight;
+* ``moeq``: ``moeq.ops.fp8_hopper.fp8_swiglu_experts`` on the fused (E, 2H, D) weight;
 
 each eager and ``torch.compile``'d (moeq with ``fullgraph=True``). Correctness first: every
 variant's y, grad x, grad gate_up, grad down against a float64 per-expert reference
@@ -84,7 +84,7 @@ def make_variant(name, inputs):
             f = torch.compile(f)
         return (lambda: f(x, w1, w3, w2, offs)), [x, w1, w3, w2]
     if base == "moeq":
-        from moeq.quant.fp8_hopper import fp8_swiglu_experts
+        from moeq.ops.fp8_hopper import fp8_swiglu_experts
 
         f = fp8_swiglu_experts
         if compiled:
@@ -140,6 +140,7 @@ def reference_errors(inputs, counts, gy, results):
 def stage_breakdown(inputs, gy, do_bench):
     """Each FP8 GEMM on pre-quantized operands vs its BF16 twin; each moeq quant pass."""
     from moeq.kernels import fp8_rowwise as k
+    from moeq.ops.slack_rows import zero_slack_rows_
 
     x, gate_up, down, offs = inputs["x"].detach(), inputs["gate_up"].detach(), inputs["w2"].detach(), inputs["offs"]
     M, D = x.shape
@@ -199,7 +200,7 @@ def stage_breakdown(inputs, gy, do_bench):
         "swiglu fwd + quant h (row + col)": (M * H * (4 + 4 + 2), lambda: k.swiglu_quantize(gu, offs)),
         "quant grad_y (row + col)": (M * D * 6, lambda: k.quantize_dual(gy, offs)),
         "swiglu bwd + quant d(gate_up) (row + col)": (M * H * (6 + 6 + 4), lambda: k.swiglu_backward_quantize(gu, gh, offs)),
-        "zero slack rows of y": (0, lambda: k.zero_slack_rows_(ybuf, offs)),
+        "zero slack rows of y": (0, lambda: zero_slack_rows_(ybuf, offs)),
     }
     for name, (nbytes, f) in quants.items():
         try:
@@ -257,7 +258,7 @@ def sweep_tiles(do_bench, shape="dsv3_ep8_local"):
         ta = {}
         for cfg in A:
             try:
-                f = lambda: k._dual_quantize_impl(mode, src, aux, o, E, True, True, tiles=(cfg, B[0]), run_b=False)
+                f = lambda: k.dual_quantize_impl(mode, src, aux, o, E, True, True, tiles=(cfg, B[0]), run_b=False)
                 ta[cfg] = do_bench(f, warmup=5, rep=25, return_mode="median")
             except Exception as ex:  # noqa: BLE001
                 log(f"  sweep {key} A{cfg} failed: {ex!r}"[:300])
@@ -265,7 +266,7 @@ def sweep_tiles(do_bench, shape="dsv3_ep8_local"):
         tb = {}
         for cfg in B:
             try:
-                f = lambda: k._dual_quantize_impl(mode, src, aux, o, E, True, True, tiles=(best_a, cfg))
+                f = lambda: k.dual_quantize_impl(mode, src, aux, o, E, True, True, tiles=(best_a, cfg))
                 tb[cfg] = do_bench(f, warmup=5, rep=25, return_mode="median") - ta[best_a]
             except Exception as ex:  # noqa: BLE001
                 log(f"  sweep {key} B{cfg} failed: {ex!r}"[:300])

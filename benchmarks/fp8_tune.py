@@ -131,7 +131,7 @@ def tune_strips(shape, log=None, bench=None):
                     entry.setdefault("errors", []).append(f"{copy} {cand}: {type(e).__name__}: {str(e)[:120]}")
             entry[copy] = best
         if all(a[5] is None and not a[8] for a in args_list):  # the two-pass kernels have no routing extras
-            entry["two_pass_ms"] = bench(lambda: [k._dual_quantize_impl(a[0], a[1], a[2], a[3], a[4], True, True)
+            entry["two_pass_ms"] = bench(lambda: [k.dual_quantize_impl(a[0], a[1], a[2], a[3], a[4], True, True)
                                                   for a in args_list])
         nbytes = 0
         for a in args_list:

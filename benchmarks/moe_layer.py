@@ -85,8 +85,8 @@ def make_moeq(recipe):
 
 def make_grouped(experts_fn, alignment):
     """permute_and_pad(alignment) -> experts_fn(x, w13, w2, offs, counts) -> combine."""
-    from moeq.experts import group_end_offsets
-    from moeq.padding import combine_token_groups, permute_and_pad
+    from moeq.experts.swiglu import group_end_offsets
+    from moeq.ops.padding import combine_token_groups, permute_and_pad
 
     def fn(tokens, ids, weights, w13, w2):
         x, counts, layout = permute_and_pad(tokens, ids, w13.shape[0], alignment)
@@ -115,14 +115,14 @@ def make_bf16_three_gemms():
 
 
 def make_mxfp8_unfused():
-    from moeq.quant.mxfp8_hopper import mxfp8_swiglu_experts
-    from moeq.recipes import group_alignment
+    from moeq.ops.mxfp8_hopper import mxfp8_swiglu_experts
+    from moeq.numerics.recipes import group_alignment
 
     return make_grouped(lambda x, w13, w2, offs, counts: mxfp8_swiglu_experts(x, w13, w2, offs), group_alignment("mxfp8"))
 
 
 def make_torchao_layer(kind):
-    from moeq.recipes import group_alignment
+    from moeq.numerics.recipes import group_alignment
 
     inner = make_torchao(kind)
     return make_grouped(inner, group_alignment(kind))
@@ -165,8 +165,8 @@ def run_shape(name, shape, variants, seed, log, dev, tune=False):
     if tune and dev == "cuda":
         from fp8_tune import tune_strips
 
-        from moeq.padding import padded_rows
-        from moeq.recipes import group_alignment
+        from moeq.ops.padding import padded_rows
+        from moeq.numerics.recipes import group_alignment
 
         strip_report = tune_strips((E, D, H, padded_rows(T * k, E, group_alignment("fp8"))))
     torch.manual_seed(seed)

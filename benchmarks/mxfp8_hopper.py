@@ -1,10 +1,10 @@
 """MXFP8 routed SwiGLU experts on Hopper: moeq vs BF16 torch._grouped_mm vs torchao emulated.
 
-Device benchmark for issue 6 (run on an H100/H200; needs torchao for its emulated MXFP8).
+Device benchmark of the fused MXFP8 Hopper experts (run on an H100/H200; needs torchao for its emulated MXFP8).
 For each shape, in one process and on the same inputs:
 
 1. correctness first: y, dx, d gate_up, d down of
-   * ``moeq``: moeq.quant.mxfp8_hopper.mxfp8_swiglu_experts,
+   * ``moeq``: moeq.ops.mxfp8_hopper.mxfp8_swiglu_experts,
    * ``torchao``: torchao ``_to_mxfp8_then_scaled_grouped_mm(..., KernelPreference.EMULATED)``
      composed into SwiGLU with eager ``F.silu(gate) * up``,
    * ``torchao_f32swiglu``: the same with moeq's SwiGLU numerics (fp32 math, one bf16
@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from moeq.kernels import mxfp8_hopper as K
-from moeq.quant.mxfp8_hopper import mxfp8_swiglu_experts
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
+from moeq.ops.slack_rows import zero_slack_rows_
+from moeq.ops.mxfp8_hopper import mxfp8_swiglu_experts
+from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType
 
 ALIGN = GROUP_ALIGNMENT[QuantizationType.MXFP8]
 SHAPES = {
@@ -288,7 +289,7 @@ def component_times(x, w1, w2, gy, offs):
         "swiglu+fq h (row+col)": (lambda: K.mxfp8_swiglu_fake_quant(gu, offs), 4 * b * M * H),
         "fq grad_y (row+col)": (lambda: K.mxfp8_fake_quant_2d(gy, offs), 3 * b * M * D),
         "swiglu bwd+fq (row+col)": (lambda: K.mxfp8_swiglu_backward_fake_quant(gh, gu, offs), 7 * b * M * H),
-        "zero slack rows (x2)": (lambda: (K.zero_slack_rows_(gh, offs), K.zero_slack_rows_(gh, offs)), 0),
+        "zero slack rows (x2)": (lambda: (zero_slack_rows_(gh, offs), zero_slack_rows_(gh, offs)), 0),
         "GEMM fwd gate_up": (lambda: torch._grouped_mm(x_row, w1k.transpose(-2, -1), offs=offs), None),
         "GEMM fwd down": (lambda: torch._grouped_mm(h_row, w2k.transpose(-2, -1), offs=offs), None),
         "GEMM dgrad down": (lambda: torch._grouped_mm(gy_row, w2n, offs=offs), None),

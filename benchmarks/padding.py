@@ -42,7 +42,7 @@ sys.path.insert(0, REPO)
 
 from moeq import GROUP_ALIGNMENT, QuantizationType  # noqa: E402
 from moeq.kernels import padding as kp  # noqa: E402
-from moeq.padding import (  # noqa: E402
+from moeq.ops.padding import (  # noqa: E402
     combine_token_groups,
     pad_token_groups,
     padded_rows,

@@ -13,8 +13,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import moeq
-from moeq.data import batches, stdlib_corpus
-from moeq.model import MoEModelConfig, MoETransformer
+from moeq.app.data import batches, stdlib_corpus
+from moeq.nn.model import MoEModelConfig, MoETransformer
 
 
 def main(argv=None) -> list:

@@ -8,8 +8,8 @@ import tempfile
 import torch
 
 import moeq
-from moeq.data import stdlib_corpus
-from moeq.hf_models import HF_MODEL_NAMES, hf_config
+from moeq.app.data import stdlib_corpus
+from moeq.integrations.transformers.models import HF_MODEL_NAMES, hf_config
 
 
 class ByteWindows(torch.utils.data.Dataset):

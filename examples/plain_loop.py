@@ -7,8 +7,8 @@ import argparse
 import torch
 
 import moeq
-from moeq.data import batches, stdlib_corpus
-from moeq.model import MoEModelConfig, MoETransformer
+from moeq.app.data import batches, stdlib_corpus
+from moeq.nn.model import MoEModelConfig, MoETransformer
 
 
 def main(argv=None) -> list:

@@ -15,8 +15,8 @@ so every row starts 16-byte aligned for vector loads):
   D), then zero padding: ``round_up(D + D/32, 16)`` bytes.
 
 Numerics: exactly the experts' own quantization of activations along D, bitwise:
-``moeq.quant.fp8_rowwise.fp8_rowwise_quantize`` (power-of-two scale per row, computed from
-amax's bits) and ``moeq.quant.mxfp8.mxfp8_quantize`` (RCEIL e8m0 per 32, torchao
+``moeq.numerics.fp8_rowwise.fp8_rowwise_quantize`` (power-of-two scale per row, computed from
+amax's bits) and ``moeq.numerics.mxfp8.mxfp8_quantize`` (RCEIL e8m0 per 32, torchao
 ``to_mx`` RCEIL). The references below are those functions; the Triton kernels match them
 bitwise on bf16 inputs (tests: finite rows, and rows holding NaN/Inf). FP8: an Inf element
 is packed as the e4m3 NaN code on every device (torch's own float8 cast saturates Inf to 448
@@ -31,16 +31,18 @@ on the GPU the hardware casts (``cvt.rn``) do the same thing.
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
 from torch import Tensor
 
-from moeq.kernels.padding import HAS_TRITON, _gather_rows_or_zero
-from moeq.quant.fp8_rowwise import AMAX_EPS, fp8_dequantize, fp8_rowwise_quantize
-from moeq.quant.mxfp8 import MX_BLOCK_SIZE, mxfp8_dequantize, mxfp8_quantize
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType, parse_recipe
+from moeq.kernels.common import HAS_TRITON
+from moeq.kernels.common import INTERPRET as _INTERPRET
+from moeq.kernels.common import next_pow2 as _next_pow2
+from moeq.kernels.padding import _gather_rows_or_zero
+from moeq.numerics.fp8_rowwise import AMAX_EPS, fp8_dequantize, fp8_rowwise_quantize
+from moeq.numerics.mxfp8 import MX_BLOCK_SIZE, mxfp8_dequantize, mxfp8_quantize
+from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType, parse_recipe
 
 if HAS_TRITON:
     import triton
@@ -69,8 +71,6 @@ _FP8_SCALE_BYTES = 4  # one float32 per row
 _E4M3 = torch.float8_e4m3fn
 _BF16 = torch.bfloat16
 
-# Read once at import: Triton decides interpretation when it is imported.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _AMAX_EPS_BITS = int(torch.tensor(AMAX_EPS, dtype=torch.float32).view(torch.int32))
 
 
@@ -216,7 +216,7 @@ if HAS_TRITON:
             m = rmask[:, None] & (cols < D)[None, :]
             v = tl.load(x_ptr + r64[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1))
-        # moeq.quant.fp8_rowwise.fp8_pow2_scale on the bits: dequant scale 2**(f - 8 [+1] - 127)
+        # moeq.numerics.fp8_rowwise.fp8_pow2_scale on the bits: dequant scale 2**(f - 8 [+1] - 127)
         a = tl.maximum(amax, EPS_BITS)  # clamp(min=1e-12): integer order is float order for >= 0
         dexp = ((a >> 23) & 0xFF) - 8 + ((a & 0x7FFFFF) > 0x600000).to(tl.int32)
         mult = ((254 - dexp) << 23).to(tl.float32, bitcast=True)  # 1 / scale, exact
@@ -312,9 +312,6 @@ if HAS_TRITON:
         bits = tl.where(m, bits, 0)  # padding rows: +0
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], bits, mask=row_ok[:, None] & cmask)
 
-
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _tiles(dim: int):

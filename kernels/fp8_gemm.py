@@ -35,17 +35,19 @@ scaling against the references.
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
+
+from moeq.kernels.common import HAS_TRITON
+from moeq.kernels.common import INTERPRET as _INTERPRET
+from moeq.kernels.common import next_pow2 as _next_pow2
 
 FP8_DTYPE = torch.float8_e4m3fn
 SCALE_ROWWISE = 0
 SCALE_MX32 = 1
 MX_BLOCK = 32
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class GemmConfig(NamedTuple):
@@ -128,15 +130,10 @@ def grouped_mm_wgrad_reference(a, b, a_scale, b_scale, offs, *, scale_mode=SCALE
 # Triton kernels
 # --------------------------------------------------------------------------------------
 
-try:
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    HAS_TRITON = False
-
-if HAS_TRITON:
 
     @triton.jit
     def _m_tile_of(offs_ptr, pid_m, E, BM: tl.constexpr, EB: tl.constexpr):
@@ -330,9 +327,6 @@ if HAS_TRITON:
         optr = out_ptr + e.to(tl.int64) * stride_oe + rn.to(tl.int64)[:, None] * stride_on + rj[None, :]
         tl.store(optr, _to_out(acc, out_ptr, UPCAST), mask=nmask[:, None] & jmask[None, :])
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _config(kind: str, scale_mode: int, config: Optional[GemmConfig]) -> GemmConfig:

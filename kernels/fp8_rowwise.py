@@ -1,6 +1,6 @@
 """FP8 (e4m3) rowwise quantization kernels for the Hopper FP8 experts path.
 
-Every GEMM of ``moeq.quant.fp8_hopper`` runs through ``torch._scaled_grouped_mm`` with one
+Every GEMM of ``moeq.ops.fp8_hopper`` runs through ``torch._scaled_grouped_mm`` with one
 float32 scale per row of each operand along the contraction dim. The operands come from four
 sources, each quantized in two directions at once ("dual" quantization):
 
@@ -36,20 +36,19 @@ round_up(M, 16) token columns (the 2D x 2D GEMM wants the token dim a multiple o
 columns >= M are unspecified and never read.
 
 Every public function has a ``*_reference`` twin in plain torch; tests/test_fp8_hopper.py
-checks them bitwise (the SwiGLU modes up to exp() ulps) and against moeq/quant/fp8_rowwise.py.
+checks them bitwise (the SwiGLU modes up to exp() ulps) and against moeq/numerics/fp8_rowwise.py.
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
 
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
+from moeq.kernels.common import EPS, FP8_MAX, HAS_TRITON, pow2_scale_reference  # noqa: F401 (re-exported)
+from moeq.kernels.common import next_pow2 as _next_pow2
+from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType
 
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3fn
-EPS = 1e-12  # amax floor: an all-zero row gets a finite (huge) scale
 ALIGN = GROUP_ALIGNMENT[QuantizationType.FP8]
 
 # Source modes of the two passes.
@@ -83,21 +82,6 @@ class Fp8Dual(NamedTuple):
 # --------------------------------------------------------------------------------------
 # Plain-torch references (the numerics contract; the kernels match them bitwise)
 # --------------------------------------------------------------------------------------
-
-
-def pow2_scale_reference(amax: torch.Tensor):
-    """float32 amax (any shape, >= 0) -> (scale, 1 / scale), float32 powers of two.
-
-    ``scale = 2**floor(log2(448 / max(amax, EPS)))``, the floor taken exactly on the
-    exponent bits of the float32 quotient.
-    """
-    amax = amax.float()
-    r = FP8_MAX / amax.clamp(min=EPS)
-    scale = (r.view(torch.int32) & 0x7F800000).view(torch.float32)
-    # a non-finite amax (Inf/NaN in the data) poisons the dequant scale: the GEMM output
-    # turns NaN instead of silently finite
-    inv = torch.where(torch.isfinite(amax), 1.0 / scale, torch.full_like(scale, float("nan")))
-    return scale, inv
 
 
 def _cast_reference(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -186,69 +170,20 @@ def swiglu_backward_quantize_reference(gate_up: torch.Tensor, grad_h: torch.Tens
 # Triton kernels
 # --------------------------------------------------------------------------------------
 
-try:
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton ships with torch on Linux x86-64
-    HAS_TRITON = False
+    # the power-of-two scale and the e4m3 cast, shared with the strip passes
+    from moeq.kernels.common import abs_nan_inf as _abs_nan_inf
+    from moeq.kernels.common import exp2_from_biased as _exp2_from_biased  # noqa: F401
+    from moeq.kernels.common import inv_scale as _inv_scale
+    from moeq.kernels.common import scale_exponent as _scale_exponent  # noqa: F401
+    from moeq.kernels.common import to_e4m3 as _to_e4m3
 
-if HAS_TRITON:
-
-    # On the GPU the e4m3 cast is the hardware's cvt.rn.satfinite.e4m3x2.f32 (round to
-    # nearest even, one instruction per two values); the interpreter's float8 cast does not
-    # round ties to even, so there the kernels round on the bits. Both give the same bits
-    # for the clamped, finite values they see (GPU tests check it against the references).
-    _HW_CAST = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
     @triton.jit
-    def _scale_exponent(amax):
-        # Biased float32 exponent of 2**floor(log2(448 / max(amax, EPS))), from amax's bits:
-        # amax = 2**(e-127) * (1 + m), 448 = 2**8 * 1.75, so the quotient's exponent is
-        # 8 - (e - 127), one less when 1 + m > 1.75. Equals the reference's rounded float32
-        # division followed by an exponent mask (the rounding never reaches the next power).
-        a = tl.maximum(amax, 1e-12)
-        b = a.to(tl.int32, bitcast=True)
-        e = (b >> 23) & 0xFF
-        return 262 - e - ((b & 0x7FFFFF) > 0x600000).to(tl.int32)
-
-    @triton.jit
-    def _exp2_from_biased(f):
-        return (f << 23).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _inv_scale(amax):
-        # 1 / scale, NaN where amax is +inf (a NaN or Inf in the data): see pow2_scale_reference
-        return tl.where(amax < float("inf"), _exp2_from_biased(254 - _scale_exponent(amax)), float("nan"))
-
-    @triton.jit
-    def _to_e4m3(v):
-        # v is already scaled: |v| <= 448. Round to the e4m3 grid (nearest, ties to even) in
-        # float32 so the final cast is exact on every backend.
-        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-        if _HW_CAST:
-            return v.to(tl.float8e4nv)
-        bits = v.to(tl.int32, bitcast=True)
-        sign = bits & -2147483648  # 0x80000000
-        mag = bits & 0x7FFFFFFF
-        # normals (|v| >= 2**-6): keep 3 mantissa bits
-        rn = (mag + 0x7FFFF + ((mag >> 20) & 1)) & 0x7FF00000
-        # subnormals: multiples of 2**-9; (t + 2**23) - 2**23 rounds t to an integer, ties even
-        a = mag.to(tl.float32, bitcast=True)
-        t = a * 512.0
-        t = (t + 8388608.0) - 8388608.0
-        sub = (t * 0.001953125).to(tl.int32, bitcast=True)
-        r = tl.where(mag >= 0x3C800000, rn, sub) | sign
-        return r.to(tl.float32, bitcast=True).to(tl.float8e4nv)
-
-    @triton.jit
-    def _abs_nan_inf(v):
-        # |v| with NaN -> +inf so that a NaN makes the amax non-finite (tl.max drops NaNs)
-        return tl.where(v == v, tl.abs(v), float("inf"))
-
-    @triton.jit
-    def _load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux,
+    def load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux,
                        H: tl.constexpr, MODE: tl.constexpr, HAS_W: tl.constexpr):
         # (BM, BK) float32 tiles of the source at source columns ``cols``; the second tile
         # is the "up" half of the output in MODE_SWIGLU_BWD (a copy of the first otherwise).
@@ -283,7 +218,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _load_source(src_ptr, aux_ptr, rows, cols, mask, stride_src, stride_aux, H: tl.constexpr, MODE: tl.constexpr):
-        v0, v1, _ = _load_source_w(src_ptr, aux_ptr, rows, rows, cols, mask, stride_src, stride_aux, H, MODE, False)
+        v0, v1, _ = load_source_w(src_ptr, aux_ptr, rows, rows, cols, mask, stride_src, stride_aux, H, MODE, False)
         return v0, v1
 
     @triton.jit
@@ -465,10 +400,6 @@ if HAS_TRITON:
                         tl.store(col_inv_ptr + e * KO + H + cols, _inv_scale(a), mask=cmask)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 # Tile configs per source kind: pass A (BM, BK, num_warps, K-chunks per program), pass B
 # (BM, BK, num_warps, transpose as float32). BM is a multiple of ALIGN; BK is clipped to the
 # width; a weight's pass-B BM is halved until it divides N. Chosen by measurement on an H100 (benchmarks/fp8_hopper.py --sweep, see
@@ -481,7 +412,7 @@ TILE_CONFIGS = {
 }
 
 
-def _tile_key(mode: int, weight: bool) -> str:
+def tile_key(mode: int, weight: bool) -> str:
     if mode == MODE_PLAIN:
         return "weight" if weight else "plain"
     return "swiglu" if mode == MODE_SWIGLU else "swiglu_bwd"
@@ -517,7 +448,7 @@ def alloc_dual_outputs(m: int, ko: int, e: int, weight: bool, want_row: bool, wa
     return row, row_inv, col, col_inv, (0, 0, ldm)
 
 
-def _dual_quantize_impl(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor], offs: Optional[torch.Tensor],
+def dual_quantize_impl(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor], offs: Optional[torch.Tensor],
                         num_groups: int, want_row: bool, want_col: bool, *, tiles=None, run_b: bool = True):
     """Pass A + pass B. Returns (row, row_inv, col_storage, col_inv, offs_ok).
 
@@ -549,7 +480,7 @@ def _dual_quantize_impl(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor
         if not weight:
             ok.copy_(((offs % ALIGN == 0).all() & (offs.diff() >= 0).all() & (offs <= m).all()).to(torch.int32).reshape(1))
         return row, row_inv, col, col_inv, ok
-    (bma, bka, wa, nkb), (bmb, bkb, wb, tf32) = _tiles(_tile_key(mode, weight), kc, group_rows, tiles)
+    (bma, bka, wa, nkb), (bmb, bkb, wb, tf32) = _tiles(tile_key(mode, weight), kc, group_rows, tiles)
     offs_arg = row_amax if weight else offs  # unused pointer in weight mode
     aux_arg = src if aux is None else aux
     stride_aux = 0 if aux is None else aux.stride(0)
@@ -581,7 +512,7 @@ def _dual_quantize_impl(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor
 def _dual_quantize_op(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor], offs: Optional[torch.Tensor],
                       num_groups: int, want_row: bool, want_col: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _dual_quantize_impl(mode, src, aux, offs, num_groups, want_row, want_col)
+    return dual_quantize_impl(mode, src, aux, offs, num_groups, want_row, want_col)
 
 
 def dual_outputs_like(mode, src, offs, num_groups, want_row, want_col):
@@ -612,10 +543,10 @@ def _dual_quantize(mode, src, aux, offs, num_groups, want_row, want_col):
     # torch.compile the op keeps the Triton launches opaque to the tracer.
     if torch.compiler.is_compiling():
         return torch.ops.moeq.fp8_dual_quantize(mode, src, aux, offs, num_groups, want_row, want_col)
-    return _dual_quantize_impl(mode, src, aux, offs, num_groups, want_row, want_col)
+    return dual_quantize_impl(mode, src, aux, offs, num_groups, want_row, want_col)
 
 
-def _check_2d(name: str, t: torch.Tensor, width_multiple: int) -> None:
+def check_2d(name: str, t: torch.Tensor, width_multiple: int) -> None:
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2D, got shape {tuple(t.shape)}")
     if t.dtype not in (torch.bfloat16, torch.float32, torch.float16):
@@ -626,7 +557,7 @@ def _check_2d(name: str, t: torch.Tensor, width_multiple: int) -> None:
         raise ValueError(f"{name}'s last dim {t.shape[-1]} must be a multiple of {width_multiple}")
 
 
-def _check_offs(offs: torch.Tensor, device) -> None:
+def check_offs(offs: torch.Tensor, device) -> None:
     if offs.dim() != 1 or offs.dtype != torch.int32:
         raise ValueError(f"offs must be a 1D int32 tensor of cumulative group ends, got {offs.dtype} {tuple(offs.shape)}")
     if offs.device != device:
@@ -654,8 +585,8 @@ def quantize_dual(x: torch.Tensor, offs: torch.Tensor, *, rowwise: bool = True, 
     Returns:
         Fp8Dual: row (M, K) + row_inv (M,); col (K, M16) + col_inv (E, K).
     """
-    _check_2d("x", x, 16)
-    _check_offs(offs, x.device)
+    check_2d("x", x, 16)
+    check_offs(offs, x.device)
     out = _dual_quantize(MODE_PLAIN, x, None, offs, offs.numel(), rowwise, colwise)
     return _as_dual(out)
 
@@ -675,7 +606,7 @@ def quantize_weight(w: torch.Tensor, *, colwise: bool = True) -> Fp8Dual:
     if n % ALIGN or k % 16:
         raise ValueError(f"weight dims N={n}, K={k} must be multiples of {ALIGN} and 16 for FP8 grouped GEMMs")
     w2 = w.contiguous().view(e * n, k)
-    _check_2d("weight", w2, 16)
+    check_2d("weight", w2, 16)
     out = _dual_quantize(MODE_PLAIN, w2, None, None, e, True, colwise)
     return _as_dual(out, weight_shape=(e, n, k))
 
@@ -687,8 +618,8 @@ def swiglu_quantize(gate_up: torch.Tensor, offs: torch.Tensor, *, colwise: bool 
         gate_up: (M, 2H) bfloat16, gate columns [0, H), up columns [H, 2H); H % 16 == 0.
         offs: (E,) int32 group ends (see ``quantize_dual``).
     """
-    _check_2d("gate_up", gate_up, 32)
-    _check_offs(offs, gate_up.device)
+    check_2d("gate_up", gate_up, 32)
+    check_offs(offs, gate_up.device)
     out = _dual_quantize(MODE_SWIGLU, gate_up, None, offs, offs.numel(), True, colwise)
     return _as_dual(out)
 
@@ -698,63 +629,10 @@ def swiglu_backward_quantize(gate_up: torch.Tensor, grad_h: torch.Tensor, offs: 
 
     Returns both copies: row (M, 2H) for the dgrad GEMM, col (2H, M16) for the wgrad GEMM.
     """
-    _check_2d("gate_up", gate_up, 32)
-    _check_2d("grad_h", grad_h, 16)
+    check_2d("gate_up", gate_up, 32)
+    check_2d("grad_h", grad_h, 16)
     if grad_h.shape[0] != gate_up.shape[0] or 2 * grad_h.shape[1] != gate_up.shape[1]:
         raise ValueError(f"grad_h {tuple(grad_h.shape)} does not match gate_up {tuple(gate_up.shape)}: want (M, H) and (M, 2H)")
-    _check_offs(offs, gate_up.device)
+    check_offs(offs, gate_up.device)
     out = _dual_quantize(MODE_SWIGLU_BWD, gate_up, grad_h, offs, offs.numel(), True, True)
     return _as_dual(out)
-
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _zero_slack_rows_kernel(out_ptr, offs_ptr, M, stride, N: tl.constexpr, E: tl.constexpr,
-                                BM: tl.constexpr, BN: tl.constexpr):
-        pid = tl.program_id(0)
-        end = tl.load(offs_ptr + E - 1)
-        r0 = pid * BM
-        if r0 + BM > end:  # programs wholly inside the groups write nothing
-            rows = r0 + tl.arange(0, BM)
-            rmask = (rows >= end) & (rows < M)
-            for n0 in range(0, N, BN):
-                cols = n0 + tl.arange(0, BN)
-                z = tl.zeros((BM, BN), dtype=out_ptr.dtype.element_ty)
-                tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], z,
-                         mask=rmask[:, None] & (cols < N)[None, :])
-
-
-def zero_slack_rows_reference(out: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """``out`` (M, N) with rows at or past ``offs[-1]`` set to zero (a new tensor)."""
-    rows = torch.arange(out.shape[0], device=out.device)
-    return torch.where((rows < offs[-1].long())[:, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
-
-
-def _zero_slack_rows_impl(out: torch.Tensor, offs: torch.Tensor) -> None:
-    m, n = out.shape
-    if m == 0 or n == 0:
-        return
-    bm, bn = 32, min(256, max(16, _next_pow2(n)))
-    _zero_slack_rows_kernel[(triton.cdiv(m, bm),)](out, offs, m, out.stride(0), N=n, E=offs.numel(), BM=bm, BN=bn)
-
-
-@torch.library.custom_op("moeq::zero_slack_rows_", mutates_args=("out",))
-def _zero_slack_rows_op(out: torch.Tensor, offs: torch.Tensor) -> None:
-    _zero_slack_rows_impl(out, offs)
-
-
-def zero_slack_rows_(out: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Zero, in place, the rows of ``out`` (M, N) (unit last stride) at or past ``offs[-1]``.
-
-    Grouped GEMMs leave those rows uninitialized. One launch that writes only slack rows;
-    no host sync. Returns ``out``.
-    """
-    if out.dim() != 2 or out.stride(-1) != 1:
-        raise ValueError(f"zero_slack_rows_ needs a 2D tensor with unit last stride, got {tuple(out.shape)} {out.stride()}")
-    _check_offs(offs, out.device)
-    if torch.compiler.is_compiling():
-        torch.ops.moeq.zero_slack_rows_(out, offs)
-    else:
-        _zero_slack_rows_impl(out, offs)
-    return out

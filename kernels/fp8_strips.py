@@ -17,7 +17,7 @@ No amax buffer, memset or atomic is needed, and the two copies are independent l
 a weight's forward (row) copy and its input-gradient (column) copy can be made when each
 is needed, so the column copy need not be kept from the forward to the backward.
 
-Routed-block extras (``moeq.quant.fp8_routed``): per-row routing weights ``w`` can
+Routed-block extras (``moeq.ops.fp8_routed``): per-row routing weights ``w`` can
 multiply the plain source (the weighted column copy of grad_y for the down-projection's
 weight gradient) or grad_h (MODE_SWIGLU_BWD: grad_h = w * unweighted grad_h), and the
 MODE_SWIGLU_BWD row strip can also return the routing-weight gradient
@@ -34,18 +34,18 @@ from typing import Optional, Tuple
 
 import torch
 
+from moeq.kernels.common import HAS_TRITON
+from moeq.kernels.common import next_pow2 as _next_pow2
 from moeq.kernels.fp8_rowwise import (
     ALIGN,
-    HAS_TRITON,
     MODE_PLAIN,
     MODE_SWIGLU,
     MODE_SWIGLU_BWD,
     Fp8Dual,
-    _check_2d,
-    _check_offs,
-    _dual_quantize_impl,
-    _next_pow2,
-    _tile_key,
+    check_2d,
+    check_offs,
+    dual_quantize_impl,
+    tile_key,
     alloc_dual_outputs,
     dual_outputs_like,
     quantize_colwise_grouped_reference,
@@ -58,14 +58,12 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from moeq.kernels.fp8_rowwise import (
-        _abs_nan_inf,
-        _exp2_from_biased,
-        _inv_scale,
-        _load_source_w,
-        _scale_exponent,
-        _to_e4m3,
-    )
+    from moeq.kernels.common import abs_nan_inf as _abs_nan_inf
+    from moeq.kernels.common import exp2_from_biased as _exp2_from_biased
+    from moeq.kernels.common import inv_scale as _inv_scale
+    from moeq.kernels.common import scale_exponent as _scale_exponent
+    from moeq.kernels.common import to_e4m3 as _to_e4m3
+    from moeq.kernels.fp8_rowwise import load_source_w
 
 if HAS_TRITON:
     # ----------------------------------------------------------------------------------
@@ -112,7 +110,7 @@ if HAS_TRITON:
             # to the cast (a single read of the source, no second sweep)
             cols = tl.arange(0, BK)
             mask = rmask[:, None] & (cols < KC)[None, :]
-            v0, v1, hd = _load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE, HAS_W)
+            v0, v1, hd = load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE, HAS_W)
             a = _abs_nan_inf(v0)
             if MODE == 2:
                 a = tl.maximum(a, _abs_nan_inf(v1))
@@ -130,7 +128,7 @@ if HAS_TRITON:
             for k0 in range(0, KC, BK):
                 cols = k0 + tl.arange(0, BK)
                 mask = rmask[:, None] & (cols < KC)[None, :]
-                v0, v1, hd = _load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE,
+                v0, v1, hd = load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE,
                                             HAS_W)
                 acc = tl.maximum(acc, _abs_nan_inf(v0))
                 if MODE == 2:
@@ -144,7 +142,7 @@ if HAS_TRITON:
             for k0 in range(0, KC, BK):
                 cols = k0 + tl.arange(0, BK)
                 mask = rmask[:, None] & (cols < KC)[None, :]
-                v0, v1, hd = _load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE,
+                v0, v1, hd = load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE,
                                             HAS_W)
                 rp = row_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
                 tl.store(rp, _to_e4m3(v0 * s), mask=mask)
@@ -159,7 +157,7 @@ if HAS_TRITON:
         rm = (rows >= lo) & (rows < end) & (rows < M)
         mask = rm[:, None] & cmask[None, :]
         w = tl.load(w_ptr + rows, mask=rm, other=0.0) if HAS_W else tl.zeros((BR,), dtype=tl.float32)
-        v0, v1, _ = _load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE, HAS_W)
+        v0, v1, _ = load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE, HAS_W)
         cmax0 = tl.maximum(cmax0, tl.max(tl.where(mask, _abs_nan_inf(v0), 0.0), axis=0))
         if MODE == 2:
             cmax1 = tl.maximum(cmax1, tl.max(tl.where(mask, _abs_nan_inf(v1), 0.0), axis=0))
@@ -182,7 +180,7 @@ if HAS_TRITON:
                 tl.store(cp + H * stride_ck, tl.trans(_to_e4m3(z)), mask=tmask)
         else:
             w = tl.load(w_ptr + rows, mask=rm & (rows < M), other=0.0) if HAS_W else tl.zeros((BR,), dtype=tl.float32)
-            v0, v1, _ = _load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE, HAS_W)
+            v0, v1, _ = load_source_w(src_ptr, aux_ptr, w, rows, cols, mask, stride_src, stride_aux, H, MODE, HAS_W)
             # transpose through shared memory as float32 (TRANS_F32: wide accesses) or as e4m3
             # bytes (a quarter of the bytes, byte-wide shuffles): the faster is measured
             if TRANS_F32:
@@ -289,7 +287,7 @@ def _dual_quantize_strips_impl(mode: int, src: torch.Tensor, aux: Optional[torch
                                num_groups: int, want_row: bool, want_col: bool, *, tiles=None,
                                row_weights: Optional[torch.Tensor] = None, weight_row_copy: bool = False,
                                weight_col_copy: bool = False, want_dw: bool = False):
-    """The strip passes; same arguments and results as ``_dual_quantize_impl``, plus:
+    """The strip passes; same arguments and results as ``dual_quantize_impl``, plus:
 
     row_weights: (M,) float32 per-row routing weights; ``weight_row_copy`` /
     ``weight_col_copy`` say which copy sees the source (MODE_PLAIN) or grad_h
@@ -309,14 +307,14 @@ def _dual_quantize_strips_impl(mode: int, src: torch.Tensor, aux: Optional[torch
     if m == 0 or kc == 0 or not (want_row or want_col) or (row_weights is None and (weight_row_copy or weight_col_copy)):
         if row_weights is not None or want_dw or (weight_row_copy or weight_col_copy):
             raise ValueError("row_weights need rows, columns and a copy to apply to (and want_dw a row copy)")
-        return (*_dual_quantize_impl(mode, src, aux, offs, num_groups, want_row, want_col), dw)
+        return (*dual_quantize_impl(mode, src, aux, offs, num_groups, want_row, want_col), dw)
     if want_dw and not (mode == MODE_SWIGLU_BWD and want_row):
         raise ValueError("want_dw needs MODE_SWIGLU_BWD and the row copy")
     row, row_inv, col, col_inv, (group_rows, stride_cg, stride_ck) = alloc_dual_outputs(m, ko, e, weight, want_row,
                                                                                        want_col, dev)
     ok = torch.ones((1,), dtype=torch.int32, device=dev) if weight else torch.empty((1,), dtype=torch.int32, device=dev)
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    (budget, wr), col_tiles = tiles or (_INTERPRETER_STRIPS if interp else STRIP_CONFIGS[_tile_key(mode, weight)])
+    (budget, wr), col_tiles = tiles or (_INTERPRETER_STRIPS if interp else STRIP_CONFIGS[tile_key(mode, weight)])
     bcr, bc, wc = col_tiles[:3]
     trans_f32 = bool(col_tiles[3]) if len(col_tiles) > 3 else False
     br, bk = row_tile(kc, budget)
@@ -416,7 +414,7 @@ def _check_weight(w: torch.Tensor):
     e, n, k = w.shape
     if n % ALIGN or k % 16:
         raise ValueError(f"weight dims N={n}, K={k} must be multiples of {ALIGN} and 16 for FP8 grouped GEMMs")
-    _check_2d("weight", w.reshape(e * n, k), 16)
+    check_2d("weight", w.reshape(e * n, k), 16)
     return e, n, k
 
 
@@ -441,8 +439,8 @@ def quantize_dual_strips(
         Fp8Dual (row (M, K), row_inv (M,), col (K, M16), col_inv (E, K), offs_ok): bitwise
         ``quantize_dual(x, offs)`` (fp8_rowwise.py) without weights.
     """
-    _check_2d("x", x, 16)
-    _check_offs(offs, x.device)
+    check_2d("x", x, 16)
+    check_offs(offs, x.device)
     _check_row_weights(row_weights, x.shape[0], x.device)
     wc = bool(weight_col_copy and row_weights is not None)
     row, row_inv, col, col_inv, ok, _ = _strips(MODE_PLAIN, x, None, offs, offs.numel(), rowwise, colwise,
@@ -455,8 +453,8 @@ def swiglu_quantize_strips(gate_up: torch.Tensor, offs: torch.Tensor, *, colwise
 
     Bitwise ``swiglu_quantize(gate_up, offs)`` of fp8_rowwise.py.
     """
-    _check_2d("gate_up", gate_up, 32)
-    _check_offs(offs, gate_up.device)
+    check_2d("gate_up", gate_up, 32)
+    check_offs(offs, gate_up.device)
     row, row_inv, col, col_inv, ok, _ = _strips(MODE_SWIGLU, gate_up, None, offs, offs.numel(), True, colwise)
     return Fp8Dual(row, row_inv, col, col_inv, ok)
 
@@ -481,11 +479,11 @@ def swiglu_backward_quantize_strips(
         (Fp8Dual of d(gate_up): row (M, 2H) + row_inv, col (2H, M16) + col_inv;
         dw (M,) float32 ``sum_n grad_h * h`` per row, or None without row_weights).
     """
-    _check_2d("gate_up", gate_up, 32)
-    _check_2d("grad_h", grad_h, 16)
+    check_2d("gate_up", gate_up, 32)
+    check_2d("grad_h", grad_h, 16)
     if grad_h.shape[0] != gate_up.shape[0] or 2 * grad_h.shape[1] != gate_up.shape[1]:
         raise ValueError(f"grad_h {tuple(grad_h.shape)} does not match gate_up {tuple(gate_up.shape)}: want (M, H) and (M, 2H)")
-    _check_offs(offs, gate_up.device)
+    check_offs(offs, gate_up.device)
     _check_row_weights(row_weights, gate_up.shape[0], gate_up.device)
     has_w = row_weights is not None
     row, row_inv, col, col_inv, ok, dw = _strips(MODE_SWIGLU_BWD, gate_up, grad_h, offs, offs.numel(), True, colwise,

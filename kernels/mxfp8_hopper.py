@@ -4,7 +4,7 @@ Hopper has no MX block-scaled tensor-core instruction, but MXFP8 numerics need n
 an e4m3 value times a power of two is exact in bf16, and the product of two such values
 is exact in fp32. So "fake-quantize each operand along its GEMM's contraction dim (to the
 MXFP8 grid, stored as bf16), then a BF16 grouped GEMM with fp32 accumulation" computes the
-MXFP8 GEMM exactly, up to accumulation order (moeq/quant/mxfp8.py states the one
+MXFP8 GEMM exactly, up to accumulation order (moeq/numerics/mxfp8.py states the one
 underflow caveat). The GEMMs then run at BF16 tensor-core speed; what MXFP8 adds is the
 fake-quant passes here, which are memory-bound and fused so each byte moves once:
 
@@ -23,12 +23,11 @@ fake-quant passes here, which are memory-bound and fused so each byte moves once
   row and column copies are written.
 * ``mxfp8_swiglu_backward_fake_quant``: ``d gate_up`` (M, 2H) from ``grad_h`` (M, H) and
   gate_up, computed in fp32, rounded once to bf16, written as row and column copies.
-* ``zero_slack_rows_``: zeroes rows at or past ``offs[-1]`` of a grouped GEMM output
-  (torch._grouped_mm leaves them unwritten); reads ``offs`` on the device, moves no bytes
-  when there is no slack.
+(Zeroing a grouped GEMM output's slack rows is ``moeq.ops.slack_rows.zero_slack_rows_``,
+one kernel shared with the FP8 path: ``moeq.kernels.common``.)
 
 Numerics (torchao ``to_mx(..., ScaleCalculationMode.RCEIL)``, the contract of
-moeq/quant/mxfp8.py, which the references below call): ``descale = fp32(amax / 448)``,
+moeq/numerics/mxfp8.py, which the references below call): ``descale = fp32(amax / 448)``,
 ``exponent = clamp(ceil(log2(descale)), -127, 127) + 127``, NaN in a block -> exponent
 255 (the block turns NaN), Inf amax -> 254. The kernels take the exponent straight from
 amax's bits (``f - 8``, plus one when amax's significand exceeds 1.75 = 448 / 2**8): the
@@ -51,14 +50,14 @@ them bitwise (tests/test_mxfp8_hopper.py, under the interpreter on CPU).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 
-from moeq.quant.groups import pad_rows, zero_slack_rows
-from moeq.quant.mxfp8 import MX_BLOCK_SIZE, mxfp8_fake_quantize
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
+from moeq.kernels.common import INTERPRET as _INTERPRET
+from moeq.numerics.groups import pad_rows, zero_slack_rows
+from moeq.numerics.mxfp8 import MX_BLOCK_SIZE, mxfp8_fake_quantize
+from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType
 
 import triton
 import triton.language as tl
@@ -73,8 +72,6 @@ MODE_SWIGLU = 1  # h = silu(gate) * up from gate_up (M, 2H)
 MODE_SWIGLU_BWD = 2  # [d gate | d up] from gate_up (M, 2H) and grad_h (M, H)
 
 
-# Read once at import: Triton itself decides interpretation when it is imported.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _interpreting() -> bool:
@@ -178,11 +175,6 @@ def swiglu_backward_fake_quant_reference(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`mxfp8_swiglu_backward_fake_quant`: row and column copies of d gate_up."""
     return fake_quant_2d_reference(swiglu_backward_reference(grad_h, gate_up), offs)
-
-
-def zero_slack_rows_reference(out: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Reference of :func:`zero_slack_rows_` (out of place)."""
-    return zero_slack_rows(out, offs)
 
 
 # --------------------------------------------------------------------------------------
@@ -316,16 +308,6 @@ def _mx_fq_kernel(src_ptr, aux_ptr, row_ptr, col_ptr, offs_ptr, index_ptr,
             tl.store(col_ptr + out + K, _fq_cols(dup, BM, BK, BLOCK, HW), mask=in_bounds)
 
 
-@triton.jit
-def _zero_slack_kernel(out_ptr, offs_ptr, M, N, stride_o, num_groups, BM: tl.constexpr, BN: tl.constexpr):
-    end = tl.load(offs_ptr + num_groups - 1)
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    mask = ((rows >= end) & (rows < M))[:, None] & (cols[None, :] < N)
-    ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :]
-    tl.store(ptrs, tl.zeros((BM, BN), dtype=out_ptr.dtype.element_ty), mask=mask)
-
-
 # Tile shapes (rows, cols, warps) per mode on the GPU; tiny tiles under the interpreter.
 # Chosen by the sweep in benchmarks/mxfp8_hopper.py (see docs/mxfp8_hopper.md).
 GPU_TILES = {MODE_PLAIN: (32, 128, 4), MODE_SWIGLU: (32, 128, 4), MODE_SWIGLU_BWD: (32, 128, 4)}
@@ -394,16 +376,6 @@ def _(src, aux, offs, index, top_k, mode, m, k, out_cols, write_row, write_col):
         src.new_empty((m, out_cols) if write_row else (0,), dtype=_BF16),
         src.new_empty((m, out_cols) if write_col else (0,), dtype=_BF16),
     )
-
-
-@torch.library.custom_op("moeq::mxfp8_hopper_zero_slack_rows", mutates_args=("out",))
-def _zero_slack_op(out: torch.Tensor, offs: torch.Tensor) -> None:
-    _zero_slack_eager(out, offs)
-
-
-@_zero_slack_op.register_fake
-def _(out, offs):
-    return None
 
 
 def _launch(mode, src, aux, offs, m, k, out_cols, write_row, write_col, tiles, index=None, top_k=1):
@@ -541,28 +513,3 @@ def mxfp8_swiglu_backward_fake_quant(
     if grad_h.shape != (m, h):
         raise ValueError(f"grad_h has shape {tuple(grad_h.shape)}, expected {(m, h)} for gate_up {tuple(gate_up.shape)}")
     return _launch(MODE_SWIGLU_BWD, gate_up, grad_h, offs, m, h, 2 * h, rows, cols, tiles)
-
-
-def zero_slack_rows_(out: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Zero rows at or past ``offs[-1]`` of a 2D grouped tensor, in place, without a host sync.
-
-    Args:
-        out: (M, N), unit stride along N (a grouped GEMM output).
-        offs: (E,) int32 cumulative group ends on ``out``'s device.
-    Returns:
-        ``out``.
-    """
-    _check_offs(offs, out)
-    if out.dim() != 2 or out.stride(1) != 1:
-        raise ValueError(f"out must be 2D with unit stride along dim 1, got shape {tuple(out.shape)}")
-    _zero_slack_op(out, offs)
-    return out
-
-
-def _zero_slack_eager(out: torch.Tensor, offs: torch.Tensor) -> None:
-    m, n = out.shape
-    if m and n:
-        bm, bn = (32, 64) if _INTERPRET else (128, 256)
-        _zero_slack_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            out, offs, m, n, out.stride(0), offs.numel(), BM=bm, BN=bn, num_warps=4
-        )

@@ -2,7 +2,7 @@
 
 Every operation has two twins with the same signature and bitwise-identical results:
 ``<op>_triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) and ``<op>_reference``
-(plain torch, any device). :mod:`moeq.padding` wraps them in differentiable, validated
+(plain torch, any device). :mod:`moeq.ops.padding` wraps them in differentiable, validated
 ops and picks the Triton twin on CUDA.
 
 Padded layout (see docs/padding.md): tokens come grouped in expert order, group ``e``
@@ -19,7 +19,7 @@ separate multiply and add (no FMA contraction), which the reference reproduces.
 
 No kernel or launcher here reads device data on the host: counts, offsets and
 destination rows are computed on the device, inside the kernels where that saves
-launches. Nothing here validates values; :mod:`moeq.padding` does (the Triton twins
+launches. Nothing here validates values; :mod:`moeq.ops.padding` does (the Triton twins
 return an ``ok`` flag for ``torch._assert_async``).
 """
 from __future__ import annotations
@@ -32,15 +32,8 @@ from torch import Tensor
 
 from moeq.kernels.launch import CachedLauncher
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton ships with torch on Linux x86-64
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from moeq.kernels.common import HAS_TRITON, tl, triton
+from moeq.kernels.common import next_pow2 as _next_pow2
 
 __all__ = [
     "HAS_TRITON",
@@ -194,7 +187,7 @@ def permute_and_pad_reference(x: Tensor, expert_indices: Tensor, num_experts: in
     ``padded_offsets`` (E,) int32, ``group_starts`` (E,) int32, ``dest_rows`` (T*k,) int32
     (padded row of routed copy ``t*k + j``) and ``source_rows`` (num_out_rows,) int32
     (``t*k + j`` of each padded row, -1 on padding and slack rows). Within an expert the
-    copies keep (token, slot) order. Expects valid indices (checked by moeq.padding).
+    copies keep (token, slot) order. Expects valid indices (checked by moeq.ops.padding).
     """
     counts, offs, starts, dest, source_rows = route_reference(expert_indices, num_experts, alignment, num_out_rows)
     padded = pad_rows_reference(x, counts, alignment, num_out_rows, source_rows, expert_indices.shape[1])
@@ -697,9 +690,6 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
-
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _block_e(num_groups: int) -> int:

@@ -6,12 +6,13 @@
         ...                                             # expert weights once per step
 
 With transformers, ``import moeq`` also registers ``experts_implementation="moeq_bf16" |
-"moeq_fp8" | "moeq_mxfp8"`` (moeq.integrations.transformers_interface).
+"moeq_fp8" | "moeq_mxfp8"`` (moeq.integrations.transformers.interface).
 """
-from moeq.experts import COMPUTE_BACKENDS, GroupedExperts, swiglu_experts
-from moeq.moe import MoE, set_aux_loss_scale
+from moeq.experts.swiglu import COMPUTE_BACKENDS, swiglu_experts
+from moeq.nn.experts import GroupedExperts
+from moeq.nn.moe import MoE, set_aux_loss_scale
 from moeq.post_import import when_imported as _when_imported
-from moeq.padding import (
+from moeq.ops.padding import (
     PaddedLayout,
     combine_token_groups,
     pad_token_groups,
@@ -19,19 +20,19 @@ from moeq.padding import (
     permute_and_pad,
     unpad_token_groups,
 )
-from moeq.recipes import GROUP_ALIGNMENT, RECIPE_NAMES, QuantizationType, group_alignment, parse_recipe
-from moeq.router import TopKRouter, fp32_linear
-from moeq.weight_cache import quantized_weight_cache
+from moeq.numerics.recipes import GROUP_ALIGNMENT, RECIPE_NAMES, QuantizationType, group_alignment, parse_recipe
+from moeq.nn.router import TopKRouter, fp32_linear
+from moeq.experts.weight_cache import quantized_weight_cache
 
 
 def _register_experts_functions(_module) -> None:
-    from moeq.integrations.transformers_interface import register_experts_functions
+    from moeq.integrations.transformers.interface import register_experts_functions
 
     register_experts_functions()
 
 
 def _wrap_pretrained_model(_module) -> None:
-    from moeq.integrations.transformers_interface import wrap_pretrained_model
+    from moeq.integrations.transformers.interface import wrap_pretrained_model
 
     wrap_pretrained_model()
 
@@ -47,12 +48,16 @@ def __getattr__(name):
         from moeq.convert import convert_model
 
         return convert_model
+    if name == "plan":
+        from moeq.convert import plan
+
+        return plan
     if name == "apply_expert_parallel":
         from moeq.parallel import apply_expert_parallel
 
         return apply_expert_parallel
     if name == "quantized_grouped_mm":
-        from moeq.quant import quantized_grouped_mm
+        from moeq.ops import quantized_grouped_mm
 
         return quantized_grouped_mm
     raise AttributeError(f"module 'moeq' has no attribute {name!r}")
@@ -76,6 +81,7 @@ __all__ = [
     "padded_rows",
     "parse_recipe",
     "permute_and_pad",
+    "plan",
     "quantized_grouped_mm",
     "quantized_weight_cache",
     "set_aux_loss_scale",

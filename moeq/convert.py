@@ -14,14 +14,21 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from moeq.converted import ConvertedExperts
-from moeq.expert_gemms import FUSED_DTYPES, fused_experts_kernel
+from moeq.experts.converted import ConvertedExperts
 from moeq.integrations import family_names, find_adapter, unsupported_experts
-from moeq.integrations.base import ExpertsAdapter, original_class
-from moeq.quant.dispatch import KERNEL_AUTO, KERNEL_TRITON, get_kernel, kernel_names
-from moeq.quant.grouped_mm import INPUT_DTYPES
-from moeq.recipes import QuantizationType, RecipeLike, group_alignment, parse_recipe
-from moeq.validation import check_convert_args
+from moeq.experts.plan import PLAN_ATTR, ModelPlan, ModulePlan, module_plan
+from moeq.integrations.conversion import (
+    check_convertible,
+    check_dims,
+    check_dtypes,
+    convert_experts_module,
+    parent_module,
+    plan_experts_module,
+    unconvert_experts_module,
+)
+from moeq.numerics.recipes import QuantizationType, RecipeLike, parse_recipe
+from moeq.ops.registry import check_kernel_choice
+from moeq.numerics.validation import check_convert_args
 
 FilterLike = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 
@@ -37,94 +44,15 @@ __all__ = [
     "convert_model",
     "find_experts",
     "parent_module",
+    "plan",
+    "plan_found",
     "unconvert_experts_module",
 ]
 
-# Attributes a conversion sets on a module (ConvertedExperts' per-instance attributes).
-_CONVERSION_ATTRS = ("moeq_recipe", "moeq_kernel", "group_alignment", "moeq_incoming_alignment")
-
-
 def check_kernel(kernel: str) -> str:
-    """Return ``kernel`` if convert_model knows it, else raise ValueError naming the choices."""
-    if kernel not in (KERNEL_AUTO, KERNEL_TRITON):
-        try:
-            get_kernel(kernel)
-        except ValueError:
-            raise ValueError(
-                f"unknown kernel {kernel!r}: use 'auto', 'triton' (fused SM90 experts) or a per-GEMM kernel "
-                f"({', '.join(repr(k) for k in kernel_names() if k != KERNEL_AUTO)})"
-            ) from None
-    return kernel
-
-
-def check_dims(fqn: str, adapter: ExpertsAdapter, module: nn.Module, qtype: QuantizationType) -> None:
-    """Raise ValueError (naming the module, the dim and the multiple) if a contraction dim
-    of ``module`` (``adapter.dims``) is not a multiple of the recipe's alignment."""
-    multiple = group_alignment(qtype)
-    if multiple is None:
-        return
-    for name, size in adapter.dims(module).items():
-        if size % multiple:
-            raise ValueError(
-                f"cannot convert {fqn or '<root>'} to {qtype.value}: its {name} is {size}, not a multiple of "
-                f"{multiple} (the {qtype.value} GEMMs need every contraction dim to be one). Leave this module "
-                f"out with filter_fqns, or use recipe='bf16'."
-            )
-
-
-def check_dtypes(fqn: str, adapter: ExpertsAdapter, module: nn.Module, qtype: QuantizationType) -> None:
-    """Raise TypeError (naming the module, the tensor, its dtype and the supported ones) if
-    an expert weight of ``module`` (``adapter.local_weights``) has a dtype moeq's grouped
-    GEMMs do not take (float64, ...): refused here rather than at the first
-    forward. float16 is taken: quantized recipes quantize it through exact float32 copies."""
-    for name, weight in adapter.local_weights(module).items():
-        if weight.dtype not in INPUT_DTYPES:
-            supported = " or ".join(str(d).removeprefix("torch.") for d in INPUT_DTYPES)
-            raise TypeError(
-                f"cannot convert {fqn or '<root>'} to {qtype.value}: its expert weight {name} is "
-                f"{str(weight.dtype).removeprefix('torch.')}, and moeq's grouped GEMMs take {supported} weights. "
-                f"Cast the model first (model.to(torch.bfloat16)), or leave this module out with filter_fqns."
-            )
-
-
-def check_fused_dtypes(found, qtype: QuantizationType, kernel: str) -> None:
-    """Say at conversion, in one line, where the fused SM90 experts cannot take a model's
-    dtype: ``kernel="triton"`` raises TypeError; ``"auto"`` warns that those modules run
-    the per-GEMM kernels (float16 through exact float32 copies)."""
-    if qtype is QuantizationType.BF16 or kernel not in (KERNEL_AUTO, KERNEL_TRITON):
-        return
-    other = []
-    for fqn, module, adapter in found:
-        weights = list(adapter.local_weights(module).values())
-        if not weights:
-            continue
-        w = weights[0]
-        if w.dtype in FUSED_DTYPES:
-            continue
-        on_sm90 = w.device.type == "cuda" and torch.cuda.get_device_capability(w.device) == (9, 0)
-        if kernel == KERNEL_TRITON:
-            fused_experts_kernel(qtype, kernel, w.device, w.dtype)  # raises, naming the fix
-        elif on_sm90:
-            other.append((fqn or "<root>", w.dtype))
-    if other:
-        dtypes = sorted({str(d).removeprefix("torch.") for _, d in other})
-        warnings.warn(
-            f"moeq: {len(other)} {qtype.value} experts module(s) ({other[0][0]}, ...) are {'/'.join(dtypes)}; the fused "
-            f"SM90 {qtype.value} experts take bfloat16, so they run the per-GEMM kernels: model.to(torch.bfloat16) "
-            f"for the fused ones",
-            stacklevel=3,
-        )
-
-
-def check_convertible(fqn: str, adapter: ExpertsAdapter, module: nn.Module, qtype: QuantizationType) -> None:
-    """Every check a conversion makes before changing anything: the family's own
-    (``adapter.unconvertible``, TypeError), the dims (:func:`check_dims`, ValueError) and
-    the weight dtypes (:func:`check_dtypes`, TypeError). Each error names the module."""
-    reason = adapter.unconvertible(module)
-    if reason:
-        raise TypeError(f"cannot convert {fqn or '<root>'} ({type(module).__name__}): {reason}")
-    check_dims(fqn, adapter, module, qtype)
-    check_dtypes(fqn, adapter, module, qtype)
+    """Return ``kernel`` if convert_model knows it ("auto" or a registered kernel), else
+    raise ValueError naming the choices."""
+    return check_kernel_choice(kernel)
 
 
 def _matches(fqn: str, module: nn.Module, filter_fqns: FilterLike) -> bool:
@@ -133,71 +61,6 @@ def _matches(fqn: str, module: nn.Module, filter_fqns: FilterLike) -> bool:
     if callable(filter_fqns):
         return bool(filter_fqns(fqn, module))
     return any(f in fqn for f in filter_fqns)
-
-
-def parent_module(model: nn.Module, fqn: str) -> Optional[nn.Module]:
-    """The module holding ``model``'s submodule ``fqn`` (None for the root itself)."""
-    if not fqn:
-        return None
-    parent_fqn = fqn.rpartition(".")[0]
-    return model.get_submodule(parent_fqn) if parent_fqn else model
-
-
-def convert_experts_module(
-    module: nn.Module,
-    qtype: QuantizationType,
-    kernel: str,
-    *,
-    adapter: ExpertsAdapter,
-    fqn: str = "",
-    incoming_alignment: Optional[int] = None,
-) -> nn.Module:
-    """Convert one experts module in place (its family's adapter given).
-
-    Args:
-        module: an experts module ``adapter.matches``.
-        qtype: the recipe. kernel: a kernel choice accepted by :func:`check_kernel`.
-        fqn: its name, for messages.
-        incoming_alignment: what its caller guarantees about the token groups it hands
-            over (``adapter.incoming_alignment``), stored as ``moeq_incoming_alignment``.
-    Returns:
-        ``module``, now an instance of ``adapter.converted_class(original class)``.
-    Raises:
-        ValueError: a contraction dim not divisible by the recipe's alignment.
-        TypeError: an expert weight dtype moeq does not take, or a module its family
-            cannot convert (``adapter.unconvertible``).
-    """
-    check_convertible(fqn, adapter, module, qtype)
-    module.__class__ = adapter.converted_class(original_class(module))
-    module.moeq_recipe = qtype
-    module.moeq_kernel = kernel
-    module.group_alignment = group_alignment(qtype)
-    module.moeq_incoming_alignment = incoming_alignment
-    return module
-
-
-def unconvert_experts_module(module: nn.Module, fqn: str = "") -> nn.Module:
-    """Undo :func:`convert_experts_module` in place: ``module`` gets its original class
-    back and loses the conversion's attributes, so it computes exactly as before
-    conversion (its parameters were never touched). A module that is not converted is
-    returned as it is.
-
-    Raises:
-        RuntimeError: the module is sharded by ``moeq.apply_expert_parallel`` (its
-            original forward cannot run on the shards).
-    """
-    if not isinstance(module, ConvertedExperts):
-        return module
-    if getattr(module, "moeq_expert_dispatcher", None) is not None:
-        raise RuntimeError(
-            f"cannot switch {fqn or '<root>'} back to its own implementation: moeq.apply_expert_parallel "
-            f"sharded its experts, and only moeq's converted forward runs on the shards. Switch before "
-            f"applying expert parallelism, or rebuild the model."
-        )
-    module.__class__ = original_class(module)
-    for name in _CONVERSION_ATTRS:
-        module.__dict__.pop(name, None)
-    return module
 
 
 def find_experts(model: nn.Module, filter_fqns: FilterLike = None):
@@ -248,9 +111,12 @@ def convert_model(
         kernel: ``"auto"`` (fastest path the device runs), ``"emulated"`` (plain-torch
             quantization numerics, any device), ``"triton"`` (fused Hopper
             kernels; SM90 only), or a per-GEMM kernel from
-            ``moeq.quant.dispatch.kernel_names()``.
+            ``moeq.ops.registry.kernel_names()``.
     Returns:
-        ``model``, with ``model.moeq_converted_fqns`` listing the converted modules.
+        ``model``, with ``model.moeq_converted_fqns`` listing the converted modules and
+        ``model.moeq_plan`` (a ``ModelPlan``, what ``moeq.plan`` prints) their plans:
+        every module keeps its own (``module.moeq_plan``), which its forward, backward
+        and the EP dispatch read.
     Raises:
         ValueError: unknown recipe or kernel, nothing matched, or a dim not divisible by
             the recipe's alignment (names the module, the dim and the multiple).
@@ -258,27 +124,105 @@ def convert_model(
             (torchtitan's fused ``w13``, Doge's vector experts), an expert weight
             dtype moeq's GEMMs do not take (float64), or ``kernel="triton"`` on weights
             that are not bfloat16: each names the module and why.
+        RuntimeError: a kernel that cannot run on the weights' device (names the ones
+            that can).
     """
+    qtype, found = _find_for(model, recipe, kernel, filter_fqns, "convert_model")
+    convert_found(model, found, qtype, kernel)
+    return model
+
+
+def warn_unfused_dtypes(model_plan: ModelPlan) -> None:
+    """Say at conversion, in one line, which modules the device's fused experts kernel
+    cannot take because of their dtype (float16/float32 weights on SM90): they run the
+    per-GEMM kernels (float16 through exact float32 copies)."""
+    other = [(m.fqn or "<root>", m.plan.dtype) for m in model_plan.modules if m.plan.unfused_dtype]
+    if other:
+        q = model_plan.recipe.value
+        dtypes = sorted({str(d).removeprefix("torch.") for _, d in other})
+        warnings.warn(
+            f"moeq: {len(other)} {q} experts module(s) ({other[0][0]}, ...) are {'/'.join(dtypes)}; the fused "
+            f"SM90 {q} experts take bfloat16, so they run the per-GEMM kernels: model.to(torch.bfloat16) "
+            f"for the fused ones",
+            stacklevel=3,
+        )
+
+
+def _find_for(model, recipe, kernel, filter_fqns, who: str):
     filter_fqns = check_convert_args(model, filter_fqns)  # a str is one FQN substring
     qtype = parse_recipe(recipe)
     check_kernel(kernel)
     found = find_experts(model, filter_fqns)
     if not found:
         what = "routed-experts modules" if filter_fqns is None else f"experts modules matching filter_fqns={filter_fqns!r}"
-        raise ValueError(
-            f"convert_model found no {what} in {type(model).__name__}: it converts {family_names()}"
-        )
-    convert_found(model, found, qtype, kernel)
-    return model
+        raise ValueError(f"{who} found no {what} in {type(model).__name__}: it converts {family_names()}")
+    return qtype, found
+
+
+def plan(
+    model: nn.Module,
+    recipe: Optional[RecipeLike] = None,
+    *,
+    kernel: str = "auto",
+    filter_fqns: FilterLike = None,
+    device: Optional[torch.device] = None,
+) -> ModelPlan:
+    """What ``convert_model(model, recipe, kernel=kernel, filter_fqns=...)`` would run, per
+    experts module, without converting anything: the modules, the kernel of every GEMM on
+    the weights' device (and why), who pads token groups, what runs with emulated
+    numerics and the faster option where there is one. ``print()`` it.
+
+    Args:
+        model: any nn.Module. recipe: as :func:`convert_model`; None reports the plans
+            of an already converted model (``model.moeq_plan``'s modules, current
+            device). kernel, filter_fqns: as :func:`convert_model`.
+        device: plan for this device instead of the weights' (e.g. a model built on
+            the meta device, planned for ``cuda``); the plans conversion stores are
+            always for the weights' device.
+    Returns:
+        A ``ModelPlan``: the same plans conversion stores (``model.moeq_plan``).
+    Raises:
+        As :func:`convert_model` (every check runs; nothing changes).
+    """
+    if recipe is None:
+        converted = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, ConvertedExperts)]
+        if not converted:
+            raise ValueError(
+                f"{type(model).__name__} has no converted experts: pass a recipe, e.g. moeq.plan(model, 'fp8')"
+            )
+        return ModelPlan(None, None, tuple(ModulePlan(fqn, m.moeq_adapter.family, module_plan(m)) for fqn, m in converted))
+    qtype, found = _find_for(model, recipe, kernel, filter_fqns, "moeq.plan")
+    for fqn, module, adapter in found:
+        check_convertible(fqn, adapter, module, qtype)
+    return plan_found(model, found, qtype, kernel, device)
+
+
+def plan_found(
+    model: nn.Module, found, qtype: QuantizationType, kernel: str, device: Optional[torch.device] = None
+) -> ModelPlan:
+    """The plans of the modules :func:`find_experts` returned (each checked already)."""
+    modules = []
+    for fqn, module, adapter in found:
+        incoming = adapter.incoming_alignment(module, parent_module(model, fqn))
+        entry = plan_experts_module(module, adapter, qtype, kernel, incoming, device)
+        modules.append(ModulePlan(fqn, adapter.family, entry))
+    return ModelPlan(qtype, kernel, tuple(modules))
 
 
 def convert_found(model: nn.Module, found, qtype: QuantizationType, kernel: str) -> None:
     """Convert the modules :func:`find_experts` returned, all or none: every one is checked
-    (:func:`check_convertible`) before any changes. Sets ``model.moeq_converted_fqns``."""
+    (:func:`check_convertible`) and planned before any changes. Sets
+    ``model.moeq_converted_fqns`` and ``model.moeq_plan``."""
     for fqn, module, adapter in found:
         check_convertible(fqn, adapter, module, qtype)
-    check_fused_dtypes(found, qtype, kernel)
-    for fqn, module, adapter in found:
-        incoming = adapter.incoming_alignment(module, parent_module(model, fqn))
-        convert_experts_module(module, qtype, kernel, adapter=adapter, fqn=fqn, incoming_alignment=incoming)
+    model_plan = plan_found(model, found, qtype, kernel)
+    warn_unfused_dtypes(model_plan)
+    for (fqn, module, adapter), entry in zip(found, model_plan.modules):
+        convert_experts_module(
+            module, qtype, kernel, adapter=adapter, fqn=fqn, incoming_alignment=entry.plan.incoming_alignment,
+            plan=entry.plan,
+        )
     model.moeq_converted_fqns = [fqn for fqn, _, _ in found]
+    if not any(fqn == "" for fqn, _, _ in found):
+        # (a root that is itself an experts module keeps its own ExpertsPlan there)
+        setattr(model, PLAN_ATTR, model_plan)

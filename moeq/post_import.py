@@ -1,7 +1,7 @@
 """Run a callback when a module is imported (at once if it already is).
 
 ``import moeq`` uses it to register moeq's experts implementations in transformers
-(moeq.integrations.transformers_interface) without importing transformers itself: the
+(moeq.integrations.transformers.interface) without importing transformers itself: the
 registration runs right after ``transformers.modeling_utils`` is executed, whichever of
 the two packages is imported first.
 """

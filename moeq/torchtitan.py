@@ -17,7 +17,7 @@ shards without leaving anything stale:
 
 Every ``GroupedExperts.Config`` (deepseek_v3, qwen3 MoE, llama4, ... and gpt_oss's
 ``GptOssGroupedExperts.Config``) becomes a config subclass that builds the same module
-and converts it with ``moeq.convert_model``'s machinery (moeq/integrations/torchtitan.py
+and converts it with ``moeq.convert_model``'s machinery (moeq/integrations/torchtitan/experts.py
 says what the converted forward does). Parameter names, ``param_init``,
 ``sharding_config`` and state_dict keys are the stock ones. When the routed experts'
 token dispatcher pads groups (``TorchAOTokenDispatcher`` / HybridEP ``pad_multiple``),
@@ -40,8 +40,8 @@ from torchtitan.models.common.moe import GroupedExperts, RoutedExperts
 
 from moeq.convert import check_dims, check_kernel, convert_experts_module
 from moeq.integrations import find_adapter
-from moeq.integrations.torchtitan import TORCHTITAN_ADAPTERS, dispatcher_alignment, unknown_torchtitan_experts
-from moeq.recipes import RecipeLike, group_alignment, parse_recipe
+from moeq.integrations.torchtitan.experts import TORCHTITAN_ADAPTERS, dispatcher_alignment, unknown_torchtitan_experts
+from moeq.numerics.recipes import RecipeLike, group_alignment, parse_recipe
 
 __all__ = ["Converter", "bf16", "convert_model_config", "fp8", "moeq_experts_config", "mxfp8"]
 

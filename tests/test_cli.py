@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-from moeq.checkpoint import MAGIC, load_checkpoint, save_checkpoint
-from moeq.cli import main
-from moeq.recipes import RECIPE_NAMES
-from moeq.train import TrainConfig, _lr_at
+from moeq.app.checkpoint import MAGIC, load_checkpoint, save_checkpoint
+from moeq.app.cli import main
+from moeq.numerics.recipes import RECIPE_NAMES
+from moeq.app.train import TrainConfig, _lr_at
 
 TINY = ["--steps", "6", "--batch-size", "2", "--seq-len", "32", "--dim", "64", "--layers", "1", "--experts", "4",
         "--expert-hidden", "64", "--no-progress"]
@@ -41,7 +41,7 @@ def test_kill_9_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, recipe):
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(args + ["--out-dir", str(full)]) == 0
     ckpt = part / "checkpoint.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "moeq.cli", *args, "--out-dir", str(part)],
+    proc = subprocess.Popen([sys.executable, "-m", "moeq.app.cli", *args, "--out-dir", str(part)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
@@ -302,11 +302,31 @@ def test_train_compile_with_default_flags_on_cpu():
     """`moeq train --compile` with the default dtype (float32 on CPU), recipe, kernel and
     backend: inductor compiles the float32 grouped GEMMs; losses match eager."""
     args = ["train", *_with(TINY, "--steps", "2")]
-    from moeq.cli import _config, build_parser
-    from moeq.train import train
+    from moeq.app.cli import _config, build_parser
+    from moeq.app.train import train
 
     compiled = train(_config(build_parser().parse_args(args + ["--compile"])))
     eager = train(_config(build_parser().parse_args(args)))
     assert len(compiled.losses) == 2
     assert all(math.isfinite(x) for x in compiled.losses)
     assert max(abs(a - b) for a, b in zip(compiled.losses, eager.losses)) < 1e-3
+
+
+def test_plan_command_on_a_transformers_config_and_a_moeq_model(capsys, tmp_path):
+    """``moeq plan`` prints, per experts module, what convert_model would run on the device,
+    for a config.json directory (built on the meta device) and for moeq's own model flags."""
+    transformers = pytest.importorskip("transformers")
+    from moeq.integrations.transformers.models import hf_config
+
+    hf_config("qwen3_moe", vocab_size=128, dim=64, num_layers=2, num_experts=4, expert_hidden_dim=64).save_pretrained(tmp_path)
+    assert isinstance(transformers.AutoConfig.from_pretrained(tmp_path), transformers.Qwen3MoeConfig)
+    assert main(["plan", "--config", str(tmp_path), "--recipe", "fp8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.mlp.experts, model.layers.1.mlp.experts [transformers experts]" in out
+    assert "recipe fp8" in out and "emulated" in out and "faster:" in out
+    assert main(["plan", "--recipe", "mxfp8", "--device", "cpu", "--layers", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "layers.0.moe.experts, layers.1.moe.experts, layers.2.moe.experts [moeq.GroupedExperts]" in out
+    assert "multiple of 32" in out
+    assert main(["plan", "--config", str(tmp_path / "missing")]) == 2
+    assert "no config.json" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moeq
-from moeq import padding as padding_module
+from moeq.ops import padding as padding_module
 from moeq.convert import ConvertedExperts, convert_model
 from tests.reference import experts_reference, rel_err
 
@@ -79,7 +79,7 @@ def test_padding_runs_only_when_no_ep_layer_aligned_tokens(monkeypatch, recipe, 
     experts = _experts(recipe)
     if ep != "none":
         _shard_experts(experts, _ep_mesh())
-        assert moeq.padding_policy.is_expert_parallel(experts.gate_up_proj)
+        assert moeq.experts.padding_policy.is_expert_parallel(experts.gate_up_proj)
     counts = torch.tensor([5, 0, 19, 8])
     x = torch.randn(int(counts.sum()), 64, dtype=torch.bfloat16)
     counter = PadCounter(monkeypatch)
@@ -232,7 +232,7 @@ def test_transformers_models_convert_and_train(name, recipe):
     assert len(converted.moeq_converted_fqns) == cfg.num_hidden_layers
     assert all(fqn.endswith("mlp.experts") for fqn in converted.moeq_converted_fqns)
     assert sum(isinstance(m, ConvertedExperts) for m in converted.modules()) == cfg.num_hidden_layers
-    from moeq.integrations.transformers import TRANSFORMERS_EXPERTS
+    from moeq.integrations.transformers.experts import TRANSFORMERS_EXPERTS
 
     experts = [m for m in converted.modules() if isinstance(m, ConvertedExperts)]
     # GPT-OSS (biases, interleaved gate/up, clamped activation) takes the per-GEMM path.

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import moeq
-from moeq import padding as moeq_padding
+from moeq.ops import padding as moeq_padding
 
 DIM, HIDDEN, TOP_K = 32, 32, 2  # multiples of 32: every recipe converts
 STARVED = (1,)  # experts no token is ever routed to (a whole-group-empty case)
@@ -63,7 +63,7 @@ def _reference(num_experts, recipe, sizes, spread=False, dtype=torch.bfloat16):
 
 
 class _PadSpy:
-    """Counts calls of moeq.padding.pad_token_groups (what converted experts pad with)."""
+    """Counts calls of moeq.ops.padding.pad_token_groups (what converted experts pad with)."""
 
     def __init__(self):
         self.calls, self._orig = 0, moeq_padding.pad_token_groups
@@ -110,7 +110,7 @@ def _check_case(mesh, num_experts, recipe, sizes, **kw):
     e_local = num_experts // ep
     for name in ("experts.gate_up_proj", "experts.down_proj"):
         p = dict(moe.named_parameters())[name]
-        assert moeq.padding_policy.is_expert_parallel(p)
+        assert moeq.experts.padding_policy.is_expert_parallel(p)
         local = p.grad.to_local()
         expect = ref_grads[name][rank * e_local: (rank + 1) * e_local]
         assert torch.equal(local, expect), f"{name} gradient differs: {what}"
@@ -312,7 +312,7 @@ def case_quantized_dispatch(mesh, num_experts, recipe, sizes):
     assert vs_fp64 <= one_vs_fp64 + QDISPATCH_VS_FP64_EXCESS, f"{vs_fp64:.3e} vs {one_vs_fp64:.3e}: {what}"
     # What crossed the wire: counts (int64), the dispatch as packed uint8 rows, the combine
     # and both backward all-to-alls in bf16.
-    from moeq.parallel.quantized_dispatch import packed_row_bytes
+    from moeq.ops.quantized_dispatch import packed_row_bytes
 
     row = (DIM + (4 if recipe == "fp8" else DIM // 32) + 15) // 16 * 16
     assert packed_row_bytes(DIM, recipe) == row

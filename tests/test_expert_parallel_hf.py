@@ -33,7 +33,7 @@ def _hf_experts(kind, recipe, *, num_experts=E, seed=0):
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-    from moeq.hf_models import hf_config
+    from moeq.integrations.transformers.models import hf_config
 
     cfg = hf_config(kind, vocab_size=64, dim=D, num_layers=1, num_heads=2, num_experts=num_experts, top_k=K,
                     expert_hidden_dim=I)
@@ -80,7 +80,7 @@ def case_hf_experts(mesh, kind, recipe, sizes, fused=True, quantize_dispatch=Fal
     model = _hf_experts(kind, recipe)
     moeq.apply_expert_parallel(model, mesh, fused=fused, quantize_dispatch=quantize_dispatch)
     if quantize_dispatch:
-        from moeq.integrations.transformers import HFLocalExperts
+        from moeq.integrations.transformers.experts import HFLocalExperts
 
         assert model.experts.moeq_expert_dispatcher.uses_quantized_dispatch(HFLocalExperts(model.experts))
     assert model.moeq_expert_parallel_fqns == ["experts"]
@@ -98,7 +98,7 @@ def case_hf_experts(mesh, kind, recipe, sizes, fused=True, quantize_dispatch=Fal
     ref_params = dict(ref.experts.named_parameters())
     names = []
     for name, p in model.experts.named_parameters():
-        assert moeq.padding_policy.is_expert_parallel(p), f"{name} not sharded over ep"
+        assert moeq.experts.padding_policy.is_expert_parallel(p), f"{name} not sharded over ep"
         expect = ref_params[name].grad[rank * e_local: (rank + 1) * e_local]
         if quantize_dispatch and name == "gate_up_proj":
             # its weight gradient re-quantizes the dequantized rows along the tokens
@@ -117,7 +117,7 @@ def case_hf_model(mesh, recipe, rows):
     """A whole tiny Qwen3-MoE LM: EP ranks hold batch rows; compared with one process."""
     from transformers import AutoModelForCausalLM
 
-    from moeq.hf_models import hf_config
+    from moeq.integrations.transformers.models import hf_config
 
     rank = dist.get_rank()
     cfg = hf_config("qwen3_moe", vocab_size=64, dim=D, num_layers=2, num_heads=2, num_experts=E, top_k=K,
@@ -146,7 +146,7 @@ def case_hf_model(mesh, recipe, rows):
     sharded = 0
     for name, p in model.named_parameters():
         r = ref_params[name].grad
-        if moeq.padding_policy.is_expert_parallel(p):
+        if moeq.experts.padding_policy.is_expert_parallel(p):
             e_local = r.shape[0] // dist.get_world_size()
             assert torch.equal(p.grad.to_local(), r[rank * e_local: (rank + 1) * e_local]), f"{name} ({recipe})"
             sharded += 1
@@ -232,7 +232,7 @@ def _cuda_checks():
     """Make moeq's value checks (offsets, counts, finiteness) behave as on CUDA
     (``torch._assert_async``, no host read): on CPU in eager mode they read on the host on
     purpose, for exact error messages."""
-    import moeq.validation as v
+    import moeq.numerics.validation as v
 
     orig = v.checks_read_on_host
     v.checks_read_on_host = lambda t: False

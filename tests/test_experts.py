@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moeq
-from moeq.experts import COMPUTE_BACKENDS, swiglu_experts
+from moeq.experts.swiglu import COMPUTE_BACKENDS, swiglu_experts
 from tests.reference import experts_reference, rel_err
 
 # bf16 operands round each GEMM input to 8 bits: a few 1e-3 relative error per GEMM.
@@ -136,7 +136,7 @@ def test_functional_form_matches_module():
 def test_grouped_mm_custom_op_passes_opcheck():
     """The op that float32/float16 grouped GEMMs compile through (torch._grouped_mm's meta
     kernel takes bf16 only): fake tensor, autograd and schema checks."""
-    from moeq.experts import _grouped_mm_op  # noqa: F401 - registers torch.ops.moeq.grouped_mm
+    from moeq.ops.bf16_grouped_mm import _grouped_mm_op  # noqa: F401 - registers torch.ops.moeq.grouped_mm
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(10, 16, generator=g, requires_grad=True)

@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 import moeq  # noqa: E402,F401  (registers the experts implementations)
 from moeq.convert import ConvertedExperts, convert_model  # noqa: E402
-from moeq.hf_models import hf_config  # noqa: E402
-from moeq.recipes import QuantizationType  # noqa: E402
+from moeq.integrations.transformers.models import hf_config  # noqa: E402
+from moeq.numerics.recipes import QuantizationType  # noqa: E402
 from tests.reference import rel_err  # noqa: E402
 from tests.test_convert import ERROR_BOUND  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 CPU: the Triton kernels run under ``TRITON_INTERPRET=1`` in a subprocess (the variable must
 be set before triton is imported) on tiny sizes and are compared **bitwise** with their
-plain-torch references in moeq/kernels/fp8_rowwise.py and with moeq/quant/fp8_rowwise.py's
+plain-torch references in moeq/kernels/fp8_rowwise.py and with moeq/numerics/fp8_rowwise.py's
 numerics; the autograd Function runs there too, its GEMMs replaced by a float64 emulation
 of ``torch._scaled_grouped_mm`` (no CPU kernel exists) that also checks the operand layouts
 through the op's meta function. GPU (``-m gpu``): the real GEMMs against float64, bitwise
@@ -83,8 +83,10 @@ def _random_layout(gen, num_groups: int, max_blocks: int, slack: int, align: int
 
 def _check_scales_and_rounding() -> None:
     from moeq.kernels import fp8_rowwise as k
+    from moeq.numerics.groups import zero_slack_rows
+    from moeq.ops.slack_rows import zero_slack_rows_
 
-    # 1) power-of-two scales on edge amax values, vs the reference and moeq.quant's numerics
+    # 1) power-of-two scales on edge amax values, vs the reference and moeq.ops's numerics
     specials = [0.0, 1e-30, 1e-12, 1.1754944e-38, 2.0**-20, 1.0, 1.75, 1.7500001, 2.0, 3.4999998, 3.5, 447.99997,
                 448.0, 448.00003, 449.0, 896.0, 1e6, 3.0e38]
     gen = torch.Generator().manual_seed(0)
@@ -99,12 +101,12 @@ def _check_scales_and_rounding() -> None:
     ref_row, ref_inv = k.quantize_rowwise_reference(x)
     _assert_bitwise(q.row_inv, ref_inv, "row_inv on edge amax")
     _assert_bitwise(q.row, ref_row, "row data on edge amax")
-    from moeq.quant.fp8_rowwise import fp8_pow2_scale, fp8_rowwise_quantize
+    from moeq.numerics.fp8_rowwise import fp8_pow2_scale, fp8_rowwise_quantize
 
-    _assert_bitwise(ref_inv, fp8_pow2_scale(amax), "reference vs moeq.quant fp8_pow2_scale")
+    _assert_bitwise(ref_inv, fp8_pow2_scale(amax), "reference vs moeq.ops fp8_pow2_scale")
     data, scale = fp8_rowwise_quantize(x, -1)
-    _assert_bitwise(q.row, data, "kernel vs moeq.quant fp8_rowwise_quantize data")
-    _assert_bitwise(q.row_inv, scale.squeeze(-1), "kernel vs moeq.quant fp8_rowwise_quantize scale")
+    _assert_bitwise(q.row, data, "kernel vs moeq.ops fp8_rowwise_quantize data")
+    _assert_bitwise(q.row_inv, scale.squeeze(-1), "kernel vs moeq.ops fp8_rowwise_quantize scale")
     # 2) round-to-nearest-even onto the e4m3 grid: every code, every midpoint (ties), random
     # values, subnormals; one row with amax 448 so the scale is exactly 1
     codes = torch.arange(0, 127, dtype=torch.uint8).view(FP8).float()  # +0 .. 448
@@ -138,7 +140,7 @@ def _check_scales_and_rounding() -> None:
     y = torch.randn(70, 48, generator=gen).bfloat16()
     for end in (0, 16, 64, 70):
         offs = torch.tensor([min(end, 16), end], dtype=torch.int32)
-        _assert_bitwise(k.zero_slack_rows_(y.clone(), offs), k.zero_slack_rows_reference(y, offs), f"zero slack, end {end}")
+        _assert_bitwise(zero_slack_rows_(y.clone(), offs), zero_slack_rows(y, offs), f"zero slack, end {end}")
 
 
 def _check_dual_quant_random() -> None:
@@ -146,7 +148,7 @@ def _check_dual_quant_random() -> None:
     from hypothesis import strategies as st
 
     from moeq.kernels import fp8_rowwise as k
-    from moeq.quant.fp8_rowwise import fp8_per_group_colwise_quantize, fp8_rowwise_quantize
+    from moeq.numerics.fp8_rowwise import fp8_per_group_colwise_quantize, fp8_rowwise_quantize
 
     @settings(max_examples=12, deadline=None, derandomize=True)
     @given(
@@ -168,12 +170,12 @@ def _check_dual_quant_random() -> None:
         _assert_dual_bitwise(q, k.quantize_dual_reference(x, offs), "quantize_dual")
         assert int(q.offs_ok) == 1
         data, scale = fp8_rowwise_quantize(x, -1)
-        _assert_bitwise(q.row, data, "row vs moeq.quant")
-        _assert_bitwise(q.row_inv, scale.squeeze(-1), "row scale vs moeq.quant")
+        _assert_bitwise(q.row, data, "row vs moeq.ops")
+        _assert_bitwise(q.row_inv, scale.squeeze(-1), "row scale vs moeq.ops")
         assert q.col.shape == (width, -(-m // 16) * 16), "token dim of the column copy padded to 16"
         data, scale = fp8_per_group_colwise_quantize(x, offs)
-        _assert_bitwise(_valid_col(q.col, m), data.t(), "col vs moeq.quant")
-        _assert_bitwise(q.col_inv, scale, "col scale vs moeq.quant")
+        _assert_bitwise(_valid_col(q.col, m), data.t(), "col vs moeq.ops")
+        _assert_bitwise(q.col_inv, scale, "col scale vs moeq.ops")
         only_row = k.quantize_dual(x, offs, colwise=False)
         _assert_bitwise(only_row.row, q.row, "row without col")
         only_col = k.quantize_dual(x, offs, rowwise=False)
@@ -191,14 +193,14 @@ def _check_dual_quant_random() -> None:
     for tiles in (((16, 32, 4, 4), (32, 32, 4, 1)), ((32, 64, 4, 2), (16, 64, 4, 0))):
         for mode, src, aux in ((k.MODE_PLAIN, x, None), (k.MODE_SWIGLU, gate_up, None),
                                (k.MODE_SWIGLU_BWD, gate_up, grad_h)):
-            want = k._dual_quantize_impl(mode, src, aux, offs, 3, True, True)
-            got = k._dual_quantize_impl(mode, src, aux, offs, 3, True, True, tiles=tiles)
+            want = k.dual_quantize_impl(mode, src, aux, offs, 3, True, True)
+            got = k.dual_quantize_impl(mode, src, aux, offs, 3, True, True, tiles=tiles)
             for i, name in enumerate(("row", "row_inv", "col", "col_inv")):
                 g, w = (got[i][:, :m], want[i][:, :m]) if name == "col" else (got[i], want[i])  # storage padding
                 _assert_bitwise(g, w, f"mode {mode} tiles {tiles} {name}")
         w = torch.randn(2 * 48, 160, generator=gen).bfloat16()
-        want = k._dual_quantize_impl(k.MODE_PLAIN, w, None, None, 2, True, True)
-        got = k._dual_quantize_impl(k.MODE_PLAIN, w, None, None, 2, True, True, tiles=tiles)
+        want = k.dual_quantize_impl(k.MODE_PLAIN, w, None, None, 2, True, True)
+        got = k.dual_quantize_impl(k.MODE_PLAIN, w, None, None, 2, True, True, tiles=tiles)
         for i in range(4):
             _assert_bitwise(got[i], want[i], f"weight tiles {tiles} output {i}")
 
@@ -211,8 +213,8 @@ def _check_dual_quant_random() -> None:
         q = k.quantize_weight(w)
         _assert_dual_bitwise(q, k.quantize_weight_reference(w), "quantize_weight")
         data, scale = fp8_rowwise_quantize(w, -2)
-        _assert_bitwise(q.col.transpose(-2, -1), data, "weight col vs moeq.quant")
-        _assert_bitwise(q.col_inv, scale.squeeze(-2), "weight col scale vs moeq.quant")
+        _assert_bitwise(q.col.transpose(-2, -1), data, "weight col vs moeq.ops")
+        _assert_bitwise(q.col_inv, scale.squeeze(-2), "weight col scale vs moeq.ops")
 
     check_weight()
 
@@ -273,10 +275,10 @@ def emulated_scaled_grouped_mm(a, b, scale_a, scale_b, offs=None, out_dtype=torc
 
 
 def _fake_quant_pipeline(x, gate_up, down, offs, gy):
-    """float64 GEMMs on operands quantized with moeq.quant.fp8_rowwise (bf16 GEMM outputs)."""
+    """float64 GEMMs on operands quantized with moeq.numerics.fp8_rowwise (bf16 GEMM outputs)."""
     from moeq.kernels.fp8_rowwise import swiglu_backward_reference, swiglu_reference
-    from moeq.quant.fp8_rowwise import fp8_per_group_colwise_fake_quantize as fqc
-    from moeq.quant.fp8_rowwise import fp8_rowwise_fake_quantize as fq
+    from moeq.numerics.fp8_rowwise import fp8_per_group_colwise_fake_quantize as fqc
+    from moeq.numerics.fp8_rowwise import fp8_rowwise_fake_quantize as fq
 
     ends = offs.tolist()
     starts = [0] + ends[:-1]
@@ -322,7 +324,7 @@ def _rel(a, b) -> float:
 
 
 def _check_function_emulated() -> None:
-    from moeq.quant import fp8_hopper as fh
+    from moeq.ops import fp8_hopper as fh
 
     fh._scaled_grouped_mm = emulated_scaled_grouped_mm
     gen = torch.Generator().manual_seed(5)
@@ -341,7 +343,7 @@ def _check_function_emulated() -> None:
     assert (y[128:] == 0).all() and (xr.grad[128:] == 0).all(), "slack rows of y / grad x must be zero"
     assert (gate_up.grad[1] == 0).all() and (down.grad[1] == 0).all(), "an empty expert gets zero weight grads"
     n = 128
-    # same quantized operands as moeq.quant's numerics, float64 GEMMs: only bf16 output rounding differs
+    # same quantized operands as moeq.ops's numerics, float64 GEMMs: only bf16 output rounding differs
     fy, fgx, fgu, fgd = _fake_quant_pipeline(x, gate_up.detach(), down.detach(), offs, gy)
     for what, got, want in (("y", y[:n], fy[:n]), ("grad_x", xr.grad[:n], fgx[:n]),
                             ("grad_gate_up", gate_up.grad, fgu), ("grad_down", down.grad, fgd)):
@@ -365,13 +367,13 @@ def _check_function_emulated() -> None:
 
 
 def _routed_fake_quant_pipeline(tokens, ids, weights, gate_up, down, gout):
-    """float64 GEMMs on moeq.quant.fp8_rowwise-quantized operands with the routed block's
+    """float64 GEMMs on moeq.numerics.fp8_rowwise-quantized operands with the routed block's
     numerics (routing weight on the down GEMM's rows, routing-weight gradient = grad_h . h).
     Returns (out, grad_tokens, grad_weights, grad_gate_up, grad_down)."""
     from moeq.kernels.fp8_rowwise import swiglu_backward_reference, swiglu_reference
-    from moeq.padding import permute_and_pad
-    from moeq.quant.fp8_rowwise import fp8_per_group_colwise_fake_quantize as fqc
-    from moeq.quant.fp8_rowwise import fp8_rowwise_fake_quantize as fq
+    from moeq.ops.padding import permute_and_pad
+    from moeq.numerics.fp8_rowwise import fp8_per_group_colwise_fake_quantize as fqc
+    from moeq.numerics.fp8_rowwise import fp8_rowwise_fake_quantize as fq
 
     e = gate_up.shape[0]
     x, _, layout = permute_and_pad(tokens, ids, e, 16)
@@ -422,7 +424,7 @@ def _routed_float64_reference(tokens, ids, weights, gate_up, down, gout):
 
 
 def _check_routed_emulated() -> None:
-    from moeq.quant import fp8_hopper as fh
+    from moeq.ops import fp8_hopper as fh
 
     fh._scaled_grouped_mm = emulated_scaled_grouped_mm
     gen = torch.Generator().manual_seed(7)
@@ -452,7 +454,7 @@ def _check_routed_emulated() -> None:
         err = _rel(a, b)
         assert err < FP8_SWIGLU_ERROR_BOUND, f"{what}: rel err {err:.3g} vs float64"
     # what is kept for backward: no (M, D) bf16 tensor (the weighted combine's expert output)
-    from moeq.padding import padded_rows
+    from moeq.ops.padding import padded_rows
 
     m_rows = padded_rows(tokens_n * k, num_experts, 16)
     kept = []
@@ -511,7 +513,7 @@ def _inputs(e=2, d=32, hdim=16, m=32, dtype=torch.bfloat16):
     ],
 )
 def test_bad_inputs_raise_clear_errors(mutate, exc, match):
-    from moeq.quant.fp8_hopper import fp8_swiglu_experts
+    from moeq.ops.fp8_hopper import fp8_swiglu_experts
 
     with pytest.raises(exc, match=match):
         fp8_swiglu_experts(*mutate(_inputs()))
@@ -575,7 +577,7 @@ def test_gpu_kernels_match_references():
 @pytest.mark.gpu
 @_hopper
 def test_gpu_matches_fake_quant_and_float64():
-    from moeq.quant.fp8_hopper import fp8_swiglu_experts
+    from moeq.ops.fp8_hopper import fp8_swiglu_experts
 
     x, gate_up, down, offs, gy = _gpu_case(2)
     x[int(offs[-1]):] = float("nan")
@@ -593,7 +595,7 @@ def test_gpu_matches_fake_quant_and_float64():
 @pytest.mark.gpu
 @_hopper
 def test_gpu_compile_fullgraph_matches_eager():
-    from moeq.quant.fp8_hopper import fp8_swiglu_experts
+    from moeq.ops.fp8_hopper import fp8_swiglu_experts
 
     x, gate_up, down, offs, gy = _gpu_case(3)
     eager = _run_gpu(fp8_swiglu_experts, x, gate_up, down, offs, gy)
@@ -606,7 +608,7 @@ def test_gpu_compile_fullgraph_matches_eager():
 @pytest.mark.gpu
 @_hopper
 def test_gpu_no_host_sync():
-    from moeq.quant.fp8_hopper import fp8_swiglu_experts
+    from moeq.ops.fp8_hopper import fp8_swiglu_experts
 
     x, gate_up, down, offs, gy = _gpu_case(4)
     _run_gpu(fp8_swiglu_experts, x, gate_up, down, offs, gy)  # warm up (compiles kernels)
@@ -625,7 +627,7 @@ def test_gpu_no_host_sync():
 @_hopper
 def test_gpu_bad_offsets_fail_on_device():
     code = (
-        "import torch; from moeq.quant.fp8_hopper import fp8_swiglu_experts\n"
+        "import torch; from moeq.ops.fp8_hopper import fp8_swiglu_experts\n"
         "x = torch.randn(64, 32, device='cuda', dtype=torch.bfloat16)\n"
         "gu = torch.randn(2, 32, 32, device='cuda', dtype=torch.bfloat16)\n"
         "dn = torch.randn(2, 32, 16, device='cuda', dtype=torch.bfloat16)\n"
@@ -642,7 +644,7 @@ def test_gpu_bad_offsets_fail_on_device():
 def test_gpu_routed_block():
     """The routed FP8 block on the GPU: vs the routed fake-quant pipeline and float64,
     torch.compile(fullgraph=True) equal to eager, no host sync."""
-    from moeq.quant.fp8_hopper import fp8_routed_swiglu_experts
+    from moeq.ops.fp8_hopper import fp8_routed_swiglu_experts
 
     gen = torch.Generator().manual_seed(11)
     num_experts, d, hdim, tokens_n, k = 8, 256, 128, 512, 2

@@ -18,9 +18,9 @@ transformers = pytest.importorskip("transformers")
 
 import moeq  # noqa: E402,F401  (registers the experts implementations)
 from moeq.convert import ConvertedExperts, convert_model, unconvert_experts_module  # noqa: E402
-from moeq.hf_models import hf_config  # noqa: E402
+from moeq.integrations.transformers.models import hf_config  # noqa: E402
 from moeq.integrations.base import is_silu  # noqa: E402
-from moeq.recipes import QuantizationType  # noqa: E402
+from moeq.numerics.recipes import QuantizationType  # noqa: E402
 
 AutoModelForCausalLM = transformers.AutoModelForCausalLM
 TINY = dict(vocab_size=128, dim=64, num_layers=2, num_heads=4, num_experts=4, top_k=2, expert_hidden_dim=64)
@@ -178,7 +178,7 @@ def test_silu_in_any_form_takes_the_fused_swiglu_path():
 
     from transformers.models.lfm2_moe.modeling_lfm2_moe import Lfm2MoeExperts
 
-    from moeq.integrations.transformers import TRANSFORMERS_EXPERTS
+    from moeq.integrations.transformers.experts import TRANSFORMERS_EXPERTS
 
     cfg = transformers.Lfm2MoeConfig(hidden_size=64, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2)
     experts = Lfm2MoeExperts(cfg)

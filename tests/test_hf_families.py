@@ -18,7 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moeq.convert import ConvertedExperts, convert_model  # noqa: E402
-from moeq.hf_models import hf_config  # noqa: E402
+from moeq.integrations.transformers.models import hf_config  # noqa: E402
 from tests.reference import rel_err  # noqa: E402
 from tests.test_convert import ERROR_BOUND  # noqa: E402
 
@@ -77,7 +77,7 @@ def _check_longcat(model, run):
 
 
 def _check_step3p7(model, run):
-    from moeq.integrations.transformers_stacked import STEP3P7_EXPERTS
+    from moeq.integrations.transformers.stacked import STEP3P7_EXPERTS
 
     layers = model.model.language_model.layers
     assert [STEP3P7_EXPERTS.is_plain_swiglu(layer.mlp.experts) for layer in layers] == [True, False]

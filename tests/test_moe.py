@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moeq
-from moeq.experts import COMPUTE_BACKENDS
+from moeq.experts.swiglu import COMPUTE_BACKENDS
 from tests.reference import moe_reference, rel_err
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}

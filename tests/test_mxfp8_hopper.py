@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from moeq.kernels import mxfp8_hopper as K
-from moeq.quant import mxfp8_hopper as Q
-from moeq.quant.mxfp8 import mxfp8_fake_quantize
-from moeq.quant.mxfp8_hopper import mxfp8_swiglu_experts
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
+from moeq.ops import mxfp8_hopper as Q
+from moeq.numerics.mxfp8 import mxfp8_fake_quantize
+from moeq.ops.mxfp8_hopper import mxfp8_swiglu_experts
+from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType
 
 ALIGN = GROUP_ALIGNMENT[QuantizationType.MXFP8]
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def _rel(a, b):
 _INTERPRETER_SCRIPT = r"""
 import json, torch
 from moeq.kernels import mxfp8_hopper as K
-from moeq.quant import mxfp8_hopper as Q
+from moeq.ops import mxfp8_hopper as Q
 from tests.test_mxfp8_hopper import _same_bits
 
 torch.manual_seed(0)
@@ -113,8 +113,11 @@ out["permute_fq_cols"] = _same_bits(pc, qc) and _same_bits(qc, fc)
 
 # zero_slack_rows_
 o = torch.randn(100, 80).to(torch.bfloat16)
-ref = K.zero_slack_rows_reference(o, offs)
-out["zero_slack"] = _same_bits(K.zero_slack_rows_(o.clone(), offs), ref)
+from moeq.numerics.groups import zero_slack_rows  # noqa: E402
+from moeq.ops.slack_rows import zero_slack_rows_  # noqa: E402
+
+ref = zero_slack_rows(o, offs)
+out["zero_slack"] = _same_bits(zero_slack_rows_(o.clone(), offs), ref)
 
 # the autograd function: Triton kernels vs the plain-torch references, outputs and grads
 E, D, H, M = 4, 64, 96, 200
@@ -185,7 +188,7 @@ def routed_pair(
     permute_and_pad -> mxfp8_swiglu_experts -> combine: {output / gradient name: bitwise
     equal}. Uneven routing, one expert without tokens. ``sync_free``: the eager runs under
     ``torch.cuda.set_sync_debug_mode("error")``."""
-    from moeq.padding import combine_token_groups, permute_and_pad
+    from moeq.ops.padding import combine_token_groups, permute_and_pad
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(T)])  # expert E-1: none

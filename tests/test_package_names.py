@@ -98,7 +98,12 @@ def test_plain_install_ships_moeq_kernels(tmp_path):
     assert not any(n.startswith("kernels/") for n in names), sorted(n for n in names if n.startswith("kernels/"))
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = f"import sys; sys.path.insert(0, {str(site)!r}); import moeq.kernels.padding as p; print(p.__file__)"
+    # every layer's package is in the wheel: the CLI module imports the whole stack
+    code = (
+        f"import sys; sys.path.insert(0, {str(site)!r}); import moeq.app.cli, moeq.convert, "
+        "moeq.integrations.transformers.interface, moeq.integrations.torchtitan.experts; "
+        "import moeq.kernels.padding as p; print(p.__file__)"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().startswith(str(site))

@@ -1,4 +1,4 @@
-"""Token-group padding (issue 3): pad/unpad, permute-and-pad, combine.
+"""Token-group padding: pad/unpad, permute-and-pad, combine.
 
 * Property tests (hypothesis, CPU) of the public API against plain-Python oracles
   (loops over the counts, no moeq code): layout, bitwise round trips, zero padding,
@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from moeq.kernels import padding as kp
-from moeq.padding import (
+from moeq.ops.padding import (
     PaddedLayout,
     combine_token_groups,
     pad_token_groups,
@@ -32,7 +32,7 @@ from moeq.padding import (
     permute_and_pad,
     unpad_token_groups,
 )
-from moeq.recipes import GROUP_ALIGNMENT
+from moeq.numerics.recipes import GROUP_ALIGNMENT
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_ALIGNMENTS = sorted({a for a in GROUP_ALIGNMENT.values() if a})
@@ -432,7 +432,7 @@ class _PassThroughMode(torch.overrides.TorchFunctionMode):
 
 @pytest.mark.parametrize("alignment", [None, RECIPE_ALIGNMENTS[-1]])
 def test_eager_fast_route_matches_custom_ops(alignment):
-    # plain eager runs the implementations directly (moeq.eager_ops); under a mode the
+    # plain eager runs the implementations directly (moeq.ops.eager); under a mode the
     # same calls go through torch.library: outputs and gradients must be bitwise equal
     gen = torch.Generator().manual_seed(3)
     T, D, E, k = 10, 6, 3, 2

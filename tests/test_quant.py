@@ -1,4 +1,4 @@
-"""Numerics of moeq.quant: FP8 rowwise, MXFP8, quantized_grouped_mm and its kernel dispatch.
+"""Numerics of moeq.ops: FP8 rowwise, MXFP8, quantized_grouped_mm and its kernel dispatch.
 
 CPU tests check the quantizers bitwise against torchao's references, the exactness that the
 emulated GEMM relies on, quantized_grouped_mm's outputs and gradients against float64 with
@@ -17,8 +17,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moeq.quant import dispatch
-from moeq.quant.fp8_rowwise import (
+from moeq.ops import registry as dispatch
+from moeq.numerics.fp8_rowwise import (
     AMAX_EPS,
     FP8_MAX,
     fp8_per_group_colwise_fake_quantize,
@@ -27,15 +27,15 @@ from moeq.quant.fp8_rowwise import (
     fp8_rowwise_fake_quantize,
     fp8_rowwise_quantize,
 )
-from moeq.quant.grouped_mm import quantized_grouped_mm
-from moeq.quant.mxfp8 import (
+from moeq.ops.grouped_mm import quantized_grouped_mm
+from moeq.numerics.mxfp8 import (
     MX_BLOCK_SIZE,
     mxfp8_dequantize,
     mxfp8_fake_quantize,
     mxfp8_fake_quantize_token_groups,
     mxfp8_quantize,
 )
-from moeq.recipes import GROUP_ALIGNMENT, QuantizationType
+from moeq.numerics.recipes import GROUP_ALIGNMENT, QuantizationType
 
 FP8, MXFP8, BF16 = QuantizationType.FP8, QuantizationType.MXFP8, QuantizationType.BF16
 gpu = pytest.mark.gpu
@@ -501,7 +501,7 @@ def _ok_inputs(qtype="mxfp8"):
         (lambda a, b, o: (a, b, o.long()), TypeError, "offs must be a 1D int32"),
         (lambda a, b, o: (a, b, o[None]), TypeError, "offs must be a 1D int32"),
         (lambda a, b, o: (a, b, o[:1]), ValueError, "offs has 1 entries but b has 2 experts"),
-        (lambda a, b, o: (a.half(), b, o), TypeError, "a has dtype torch.float16"),
+        (lambda a, b, o: (a.double(), b, o), TypeError, "a has dtype torch.float64"),
         (lambda a, b, o: (a[:, :48], b[..., :48], o), ValueError, r"K = a.shape\[1\] = b.shape\[2\] is 48, not a multiple of 32"),
         (lambda a, b, o: (a, b[:, :16], o), ValueError, r"N = b.shape\[1\] is 16, not a multiple of 32"),
         (lambda a, b, o: (a, b[..., :32], o), ValueError, "contraction dims differ"),

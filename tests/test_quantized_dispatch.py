@@ -24,9 +24,9 @@ import torch
 from moeq.kernels import dispatch_quant as K
 from moeq.kernels.fp8_rowwise import quantize_rowwise_reference as hopper_fp8_rows
 from moeq.kernels.mxfp8_hopper import fake_quant_rows_reference as hopper_mx_rows
-from moeq.parallel.quantized_dispatch import pack_rows, packed_row_bytes, unpack_to_padded
-from moeq.quant.fp8_rowwise import fp8_rowwise_fake_quantize, fp8_rowwise_quantize
-from moeq.quant.mxfp8 import mxfp8_fake_quantize, mxfp8_quantize
+from moeq.ops.quantized_dispatch import pack_rows, packed_row_bytes, unpack_to_padded
+from moeq.numerics.fp8_rowwise import fp8_rowwise_fake_quantize, fp8_rowwise_quantize
+from moeq.numerics.mxfp8 import mxfp8_fake_quantize, mxfp8_quantize
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ("fp8", "mxfp8")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import moeq
-from moeq.router import count_tokens_per_expert, fp32_linear
+from moeq.nn.router import count_tokens_per_expert, fp32_linear
 
 
 def test_fp32_linear_computes_in_fp32_and_returns_grads_in_input_dtypes():

@@ -19,12 +19,12 @@ import warnings
 import pytest
 import torch
 
-from moeq.quant import dispatch
-from moeq.quant import torchao_kernel as tk
-from moeq.quant.device import DeviceInfo
-from moeq.quant.dispatch import EmulatedKernelWarning
-from moeq.quant.grouped_mm import quantized_grouped_mm
-from moeq.recipes import QuantizationType
+from moeq.ops import registry as dispatch
+from moeq.ops import torchao_kernel as tk
+from moeq.ops.device import DeviceInfo
+from moeq.ops.registry import EmulatedKernelWarning
+from moeq.ops.grouped_mm import quantized_grouped_mm
+from moeq.numerics.recipes import QuantizationType
 
 FP8, MXFP8, BF16 = QuantizationType.FP8, QuantizationType.MXFP8, QuantizationType.BF16
 gpu = pytest.mark.gpu
@@ -142,7 +142,7 @@ def test_regroup_index_maps():
 
 def test_torchao_kernel_through_convert_model():
     from moeq.convert import convert_model
-    from moeq.experts import GroupedExperts
+    from moeq.nn.experts import GroupedExperts
 
     torch.manual_seed(0)
     experts = GroupedExperts(64, 96, 4, dtype=torch.bfloat16)
@@ -196,7 +196,7 @@ def test_import_moeq_does_not_import_torchao():
     import subprocess
     import sys
 
-    code = "import sys, moeq, moeq.quant, moeq.convert; print('torchao' in sys.modules)"
+    code = "import sys, moeq, moeq.ops, moeq.convert; print('torchao' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

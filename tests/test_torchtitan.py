@@ -37,7 +37,7 @@ import moeq
 pytest.importorskip("torchtitan", reason="moeq.torchtitan needs torchtitan (pip install torchtitan==0.3.0)")
 
 import moeq.torchtitan as mt  # noqa: E402
-from moeq.converted import ConvertedExperts
+from moeq.experts.converted import ConvertedExperts  # noqa: E402
 from tests.reference import rel_err
 from tests.test_convert import PadCounter
 from tests.test_expert_parallel import _PadSpy, _spawn

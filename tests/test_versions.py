@@ -65,7 +65,7 @@ def test_installed_frameworks_are_in_range():
 
 def test_moved_transformers_internal_names_the_supported_range(monkeypatch):
     moe = pytest.importorskip("transformers.integrations.moe")
-    from moeq.integrations import transformers_interface
+    from moeq.integrations.transformers import interface as transformers_interface
 
     monkeypatch.delattr(moe, "ExpertsInterface")
     with pytest.raises(RuntimeError) as info:
@@ -79,7 +79,7 @@ def test_moved_internal_message_for_a_missing_method(monkeypatch):
     pytest.importorskip("transformers")
     from transformers import modeling_utils
 
-    from moeq.integrations import transformers_interface
+    from moeq.integrations.transformers import interface as transformers_interface
 
     monkeypatch.delattr(modeling_utils.PreTrainedModel, "set_experts_implementation")
     with pytest.raises(RuntimeError, match=r"moeq supports transformers.*set_experts_implementation"):

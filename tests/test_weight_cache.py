@@ -7,7 +7,7 @@ subprocess, with tests/test_fp8_hopper.py's emulation of ``torch._scaled_grouped
 the weight passes run once per context; a weight changed inside the context raises;
 exiting drops the cache; nesting and unconverted models raise; the per-GEMM paths ignore
 it; torch.compile bypasses it. The fused Hopper path only runs on SM90, so the end-to-end
-tests route converted models to it by patching ``moeq.expert_gemms.fused_experts_kernel``.
+tests route converted models to it by letting the registry's "triton" entry run on CPU.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import moeq
-from moeq.recipes import QuantizationType
+from moeq.numerics.recipes import QuantizationType
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO_BATCHES = 3
@@ -34,33 +34,33 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert bad == 0, f"{what}: {bad} of {a.numel()} elements differ bitwise"
 
 
+def _fused_on_cpu():
+    """The registry's "triton" entry (the fused Hopper experts) allowed on any device, so
+    a plan made after this takes it (their CPU/emulated ops run)."""
+    import dataclasses
+
+    from moeq.ops import registry
+
+    return dataclasses.replace(registry.get_kernel("triton"), unsupported_reason=lambda qtype, device: None)
+
+
 def _use_fused(monkeypatch) -> None:
-    """Send converted experts to the fused Hopper functions on CPU (their CPU/emulated ops)."""
-    import moeq.expert_gemms as conv
+    """Send converted experts to the fused Hopper functions on CPU (their CPU/emulated ops).
+    Plans are made at conversion: call before converting."""
+    from moeq.ops import registry
 
-    def fused(qtype, kernel, device):
-        if qtype is QuantizationType.FP8:
-            from moeq.quant.fp8_hopper import fp8_swiglu_experts
-
-            return fp8_swiglu_experts
-        if qtype is QuantizationType.MXFP8:
-            from moeq.quant.mxfp8_hopper import mxfp8_swiglu_experts
-
-            return mxfp8_swiglu_experts
-        return None
-
-    monkeypatch.setattr(conv, "fused_experts_kernel", fused)
+    monkeypatch.setitem(registry._REGISTRY, "triton", _fused_on_cpu())
 
 
 def _count_weight_passes(monkeypatch, recipe: str) -> list:
     """Patch the recipe's weight-quantization pass with a counting wrapper; returns the counter."""
     calls = []
     if recipe == "mxfp8":
-        from moeq.quant import mxfp8_hopper as mod
+        from moeq.ops import mxfp8_hopper as mod
 
         name = "_ref_weight"
     else:
-        from moeq.quant.fp8_hopper import _k as mod
+        from moeq.ops.fp8_hopper import _k as mod
 
         name = "quantize_weight"
     orig = getattr(mod, name)
@@ -142,7 +142,7 @@ def _mx_problem(seed=0, e=3, d=64, h=32):
 
 
 def test_mxfp8_function_with_precomputed_weights_is_bitwise():
-    from moeq.quant.mxfp8_hopper import mxfp8_swiglu_experts, quantize_mxfp8_expert_weights
+    from moeq.ops.mxfp8_hopper import mxfp8_swiglu_experts, quantize_mxfp8_expert_weights
 
     x, w1, w2, offs = _mx_problem()
     gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(9)).bfloat16()
@@ -345,9 +345,9 @@ def test_compile_fullgraph_bypasses_the_cache(monkeypatch):
 
 def _check_fp8_cached_bitwise() -> None:
     """Run under TRITON_INTERPRET=1: fp8_swiglu_experts with precomputed / cached weights."""
-    import moeq.expert_gemms as conv
     from moeq.convert import convert_model
-    from moeq.quant import fp8_hopper as fh
+    from moeq.ops import registry
+    from moeq.ops import fp8_hopper as fh
     from tests.test_fp8_hopper import emulated_scaled_grouped_mm
 
     fh._scaled_grouped_mm = emulated_scaled_grouped_mm
@@ -387,7 +387,7 @@ def _check_fp8_cached_bitwise() -> None:
     except ValueError as err:
         assert "need_dgrad=True" in str(err)
     # 2) a converted moeq.MoE over gradient-accumulation micro-batches, one weight pass per weight
-    conv.fused_experts_kernel = lambda qtype, kernel, device: fh.fp8_swiglu_experts
+    registry._REGISTRY["triton"] = _fused_on_cpu()
     torch.manual_seed(0)
     moe = moeq.MoE(32, 48, 3, 2, router_dtype=torch.float32, dtype=torch.bfloat16, load_balancing="none")
     with torch.no_grad():

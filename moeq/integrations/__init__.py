@@ -3,15 +3,15 @@
 | module | families |
 |---|---|
 | ``moeq.integrations.native`` | moeq's own ``GroupedExperts`` (also inside ``moeq.MoE``) |
-| ``moeq.integrations.transformers`` | transformers 5.x ``@use_experts_implementation`` experts |
-| ``moeq.integrations.transformers_stacked`` | transformers Step 3.7 and LongCat-Flash experts (stacked weights, no flags) |
-| ``moeq.integrations.transformers_llama4`` | transformers Llama 4 MoE block (dense experts routed sparsely) |
-| ``moeq.integrations.transformers_dbrx`` | transformers DBRX experts (flat per-expert weights) |
-| ``moeq.integrations.transformers_module_lists`` | transformers Switch Transformers and NLLB-MoE experts (a module per expert) |
-| ``moeq.integrations.transformers_jetmoe`` | transformers JetMoE ``JetMoeParallelExperts`` (one grouped linear) |
-| ``moeq.integrations.torchtitan`` | torchtitan 0.3 ``GroupedExperts`` and ``GptOssGroupedExperts``, 0.2.x ``GroupedExperts`` |
+| ``moeq.integrations.transformers.experts`` | transformers 5.x ``@use_experts_implementation`` experts |
+| ``moeq.integrations.transformers.stacked`` | transformers Step 3.7 and LongCat-Flash experts (stacked weights, no flags) |
+| ``moeq.integrations.transformers.llama4`` | transformers Llama 4 MoE block (dense experts routed sparsely) |
+| ``moeq.integrations.transformers.dbrx`` | transformers DBRX experts (flat per-expert weights) |
+| ``moeq.integrations.transformers.module_lists`` | transformers Switch Transformers and NLLB-MoE experts (a module per expert) |
+| ``moeq.integrations.transformers.jetmoe`` | transformers JetMoE ``JetMoeParallelExperts`` (one grouped linear) |
+| ``moeq.integrations.torchtitan.experts`` | torchtitan 0.3 ``GroupedExperts`` and ``GptOssGroupedExperts``, 0.2.x ``GroupedExperts`` |
 
-``moeq.integrations.transformers_interface`` registers moeq in transformers' own
+``moeq.integrations.transformers.interface`` registers moeq in transformers' own
 experts switch (``experts_implementation="moeq_mxfp8"``); it sits above
 ``moeq.convert``, and nothing here imports it.
 
@@ -28,13 +28,13 @@ from torch import nn
 
 from moeq.integrations.base import ExpertsAdapter
 from moeq.integrations.native import MOEQ_EXPERTS
-from moeq.integrations.torchtitan import TORCHTITAN_ADAPTERS, unknown_torchtitan_experts
-from moeq.integrations.transformers import TRANSFORMERS_EXPERTS, unsupported_transformers_experts
-from moeq.integrations.transformers_dbrx import DBRX_EXPERTS
-from moeq.integrations.transformers_jetmoe import JETMOE_EXPERTS
-from moeq.integrations.transformers_llama4 import LLAMA4_MOE
-from moeq.integrations.transformers_module_lists import NLLB_MOE_EXPERTS, SWITCH_TRANSFORMERS_EXPERTS
-from moeq.integrations.transformers_stacked import LONGCAT_FLASH_EXPERTS, STEP3P7_EXPERTS
+from moeq.integrations.torchtitan.experts import TORCHTITAN_ADAPTERS, unknown_torchtitan_experts
+from moeq.integrations.transformers.experts import TRANSFORMERS_EXPERTS, unsupported_transformers_experts
+from moeq.integrations.transformers.dbrx import DBRX_EXPERTS
+from moeq.integrations.transformers.jetmoe import JETMOE_EXPERTS
+from moeq.integrations.transformers.llama4 import LLAMA4_MOE
+from moeq.integrations.transformers.module_lists import NLLB_MOE_EXPERTS, SWITCH_TRANSFORMERS_EXPERTS
+from moeq.integrations.transformers.stacked import LONGCAT_FLASH_EXPERTS, STEP3P7_EXPERTS
 
 # transformers families without @use_experts_implementation (matched by class name).
 TRANSFORMERS_FAMILY_ADAPTERS: Tuple[ExpertsAdapter, ...] = (

@@ -9,7 +9,7 @@ transformers 5.x experts, torchtitan's ``GroupedExperts``, ...):
 * :meth:`ExpertsAdapter.incoming_alignment`: what its caller guarantees about the token
   groups it hands over (read once, at conversion);
 * :meth:`ExpertsAdapter.forward`: the converted module's forward, through moeq's GEMMs
-  (moeq.expert_gemms), with the family's own signature;
+  (moeq.experts.gemms), with the family's own signature;
 * :meth:`ExpertsAdapter.unconvertible`: why a module of the family cannot be converted
   (None when it can).
 
@@ -28,8 +28,8 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
-from moeq.converted import ConvertedExperts
-from moeq.padding_policy import local_tensor
+from moeq.experts.converted import ConvertedExperts
+from moeq.experts.padding_policy import local_tensor
 
 
 class ExpertsAdapter(abc.ABC):
@@ -44,6 +44,9 @@ class ExpertsAdapter(abc.ABC):
     # None: moeq.apply_expert_parallel can shard this family. Otherwise the sentence it
     # raises NotImplementedError with (e.g. "use torchtitan's expert parallelism").
     expert_parallel_unsupported: Optional[str] = None
+    # True when the converted forward takes routed tokens (top-k ids and weights) and lays
+    # them out aligned in its own permute, so it never pads token groups separately.
+    routes_tokens: bool = False
 
     @abc.abstractmethod
     def matches(self, module: nn.Module) -> bool:
@@ -69,6 +72,15 @@ class ExpertsAdapter(abc.ABC):
     @abc.abstractmethod
     def forward(self, module: nn.Module, *args, **kwargs) -> torch.Tensor:
         """The converted forward of ``module`` (the family's own signature)."""
+
+    def plan_weight(self, module: nn.Module) -> torch.Tensor:
+        """The expert weight (local shard) whose device and dtype key the module's plan."""
+        return next(iter(self.local_weights(module).values()))
+
+    def swiglu(self, module: nn.Module) -> bool:
+        """True when ``module`` computes plain SwiGLU experts (no biases, SiLU gate): the
+        fused experts kernels cover it. Read when its plan is made."""
+        return False
 
     def unconvertible(self, module: nn.Module) -> Optional[str]:
         """Why ``module`` (one this adapter matches) cannot be converted, as a clause for

@@ -11,45 +11,46 @@ from typing import Dict
 import torch
 from torch import nn
 
-from moeq.converted import ConvertedExperts
-from moeq.expert_gemms import grouped_swiglu_experts, routed_swiglu_experts
-from moeq.experts import GroupedExperts
+from moeq.experts.converted import ConvertedExperts
+from moeq.experts.gemms import grouped_swiglu_experts, routed_swiglu_experts
+from moeq.experts.plan import module_plan
+from moeq.nn.experts import GroupedExperts
 from moeq.integrations.base import ExpertsAdapter, local_parameters
-from moeq.padding_policy import local_tensor as _local
-from moeq.recipes import QuantizationType
-from moeq.validation import check_counts, check_counts_values
-from moeq.weight_cache import module_weight_cache
+from moeq.experts.padding_policy import local_tensor as _local
+from moeq.numerics.recipes import QuantizationType
+from moeq.numerics.validation import check_counts, check_counts_values
+from moeq.experts.weight_cache import module_weight_cache
 
 
 class QuantizedGroupedExperts(ConvertedExperts, GroupedExperts):
     """moeq.GroupedExperts whose GEMMs follow ``moeq_recipe``; pads only when needed."""
 
     def _experts(self, x, num_tokens_per_expert, group_alignment, *, validate_counts: bool):
-        # GroupedExperts.forward's body (its contract; see moeq.padding_policy for padding):
+        # GroupedExperts.forward's body (its contract; see moeq.experts.padding_policy for padding):
         # the same checks, count values skipped only for counts moeq made itself
-        # (moeq.experts.run_on_trusted_counts)
-        qtype = self.moeq_recipe
-        if qtype is QuantizationType.BF16:
-            return super()._experts(x, num_tokens_per_expert, group_alignment, validate_counts=validate_counts)
+        # (moeq.nn.experts.run_on_trusted_counts)
         w13, w2 = _local(self.gate_up_proj), _local(self.down_proj)
+        plan = module_plan(self, w13)
+        if plan.recipe is QuantizationType.BF16:
+            return super()._experts(x, num_tokens_per_expert, group_alignment, validate_counts=validate_counts)
         if validate_counts:
             # (the quantized GEMMs allow float32 master weights with bf16 tokens, so no dtype
             # equality check here; the recipe's kernels check their own operands)
             check_counts("num_tokens_per_expert", num_tokens_per_expert, w13.shape[0], x)
             check_counts_values("num_tokens_per_expert", num_tokens_per_expert, x.shape[0], group_alignment)
         return grouped_swiglu_experts(
-            x, w13, w2, num_tokens_per_expert, qtype, self.moeq_kernel,
+            x, w13, w2, num_tokens_per_expert, plan,
             incoming_alignment=group_alignment, weight_cache=module_weight_cache(self),
         )
 
     def routed_forward(self, tokens, expert_indices, expert_weights):
         """Same contract as :meth:`GroupedExperts.routed_forward`, in ``moeq_recipe``."""
-        if self.moeq_recipe is QuantizationType.BF16:
-            return super().routed_forward(tokens, expert_indices, expert_weights)
         w13, w2 = _local(self.gate_up_proj), _local(self.down_proj)
+        plan = module_plan(self, w13)
+        if plan.recipe is QuantizationType.BF16:
+            return super().routed_forward(tokens, expert_indices, expert_weights)
         return routed_swiglu_experts(
-            tokens, expert_indices, expert_weights, w13, w2, self.moeq_recipe, self.moeq_kernel,
-            weight_cache=module_weight_cache(self),
+            tokens, expert_indices, expert_weights, w13, w2, plan, weight_cache=module_weight_cache(self),
         )
 
 
@@ -66,6 +67,12 @@ class MoeqExpertsAdapter(ExpertsAdapter):
 
     def local_weights(self, module: nn.Module) -> Dict[str, torch.Tensor]:
         return local_parameters(module, ("gate_up_proj", "down_proj"))
+
+    def swiglu(self, module: nn.Module) -> bool:
+        return True
+
+    def plan_weight(self, module: nn.Module) -> torch.Tensor:
+        return _local(module.gate_up_proj)
 
     def forward(self, module, x, num_tokens_per_expert, *, group_alignment=None):
         return QuantizedGroupedExperts.forward(module, x, num_tokens_per_expert, group_alignment=group_alignment)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moeq.recipes import RECIPE_NAMES
+from moeq.numerics.recipes import RECIPE_NAMES
 
 # Recipe code exchanged with the counts: 0 for unconverted experts, 1 + index otherwise.
 UNCONVERTED = "unconverted"

@@ -2,7 +2,7 @@
 
 ``apply_expert_parallel(model, mesh)`` shards the routed experts of every ``moeq.MoE``
 (converted by ``moeq.convert_model`` or not) and of every converted transformers experts
-module (moeq/parallel/hf_experts.py) over ``mesh["ep"]`` as DTensors
+module (moeq/integrations/transformers/expert_parallel.py) over ``mesh["ep"]`` as DTensors
 (``Shard(0)``: global expert ``e`` lives on EP rank ``e // (E / ep)``), and gives each MoE
 an :class:`ExpertParallelDispatcher`. Per step and per MoE the dispatcher:
 
@@ -14,7 +14,7 @@ an :class:`ExpertParallelDispatcher`. Per step and per MoE the dispatcher:
    rows, writes them straight into the local experts' expert-major layout, padded to the
    recipe's ``GROUP_ALIGNMENT`` (the fused dispatch);
 4. runs the local experts with ``group_alignment=a``, so converted experts do not pad
-   again (moeq.padding_policy);
+   again (moeq.experts.padding_policy);
 5. gathers the outputs back to all-to-all order in one pass, sends them home with the
    reverse ``all_to_all_single`` and combines each token's k outputs, weighted.
 
@@ -23,7 +23,7 @@ the other's forward (gradients travel in the activations' precision).
 
 With ``quantize_dispatch=True`` and FP8/MXFP8 experts, step 3 sends quantized rows: each
 row is quantized along D with the experts' recipe and packed with its scales into one
-uint8 row (moeq/parallel/quantized_dispatch.py), one all-to-all moves them, and the
+uint8 row (moeq/ops/quantized_dispatch.py), one all-to-all moves them, and the
 receiver's gather pass dequantizes them into the padded layout (exact values, which the
 experts' own quantization along D reproduces), in the activations' dtype. Its backward is
 step 3's, in the gradient's dtype.
@@ -36,13 +36,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moeq import padding as _padding  # registers the torch.ops.moeq row ops
-from moeq.experts import GroupedExperts, run_on_trusted_counts
-from moeq.moe import MoE
+from moeq.ops import padding as _padding  # registers the torch.ops.moeq row ops
+from moeq.nn.experts import GroupedExperts, run_on_trusted_counts
+from moeq.nn.moe import MoE
 from moeq.parallel.dispatch_plan import DispatchPlan, build_plan
-from moeq.parallel.quantized_dispatch import QUANTIZED_RECIPES, pack_rows, unpack_to_padded
-from moeq.recipes import group_alignment, parse_recipe
-from moeq.validation import check_int, check_module
+from moeq.ops.quantized_dispatch import QUANTIZED_RECIPES, pack_rows, unpack_to_padded
+from moeq.numerics.recipes import QuantizationType
+from moeq.numerics.validation import check_int, check_module
 
 EP_DIM = "ep"
 
@@ -102,7 +102,7 @@ class _QuantizedDispatchToPadded(torch.autograd.Function):
     quantization."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, plan: DispatchPlan, recipe: str) -> Tensor:
+    def forward(ctx, x: Tensor, plan: DispatchPlan, recipe: QuantizationType) -> Tensor:
         ctx.plan = plan
         packed = pack_rows(x, recipe)
         recv = _all_to_all(packed, plan.recv_splits, plan.send_splits, plan.group)
@@ -161,7 +161,7 @@ def _dispatch(x: Tensor, plan: DispatchPlan) -> Tensor:
 
 
 @torch.compiler.disable
-def _dispatch_quantized(x: Tensor, plan: DispatchPlan, recipe: str) -> Tensor:
+def _dispatch_quantized(x: Tensor, plan: DispatchPlan, recipe: QuantizationType) -> Tensor:
     return _QuantizedDispatchToPadded.apply(x, plan, recipe)
 
 
@@ -181,11 +181,12 @@ def _all_to_all_autograd(x: Tensor, out_splits, in_splits, group) -> Tensor:
 
 
 def experts_recipe(experts: nn.Module):
-    """(recipe name or None, alignment or None) of an experts module (converted or not)."""
-    recipe = getattr(experts, "moeq_recipe", None)
-    if recipe is None:
+    """(recipe name or None, alignment or None) of an experts module (converted or not),
+    read from its plan (``moeq_plan``, made at conversion)."""
+    plan = getattr(experts, "moeq_plan", None)
+    if plan is None:
         return None, None
-    return recipe.value, group_alignment(recipe)
+    return plan.recipe.value, plan.alignment
 
 
 class ExpertParallelDispatcher:
@@ -239,7 +240,7 @@ class ExpertParallelDispatcher:
         if self.fused:
             quantized = self.uses_quantized_dispatch(experts)
             plan = _plan(counts, self.group, align, recipe_name, quantized)
-            x = _dispatch_quantized(send, plan, recipe_name) if quantized else _dispatch(send, plan)
+            x = _dispatch_quantized(send, plan, experts.moeq_plan.recipe) if quantized else _dispatch(send, plan)
             y = run_on_trusted_counts(experts, x, plan.local_counts, align)
             home = _combine(y, plan)
         else:
@@ -250,8 +251,8 @@ class ExpertParallelDispatcher:
     def uses_quantized_dispatch(self, experts: nn.Module) -> bool:
         """True when a call with these experts sends quantized rows (FP8/MXFP8 experts and
         ``quantize_dispatch``)."""
-        recipe_name, _ = experts_recipe(experts)
-        return bool(self.quantize_dispatch and recipe_name and parse_recipe(recipe_name) in QUANTIZED_RECIPES)
+        plan = getattr(experts, "moeq_plan", None)
+        return bool(self.quantize_dispatch and plan is not None and plan.recipe in QUANTIZED_RECIPES)
 
     def _unfused(self, send, counts, experts, align, recipe_name):
         plan = _plan(counts, self.group, None, recipe_name)  # alignment 1: a pure permutation
@@ -301,7 +302,7 @@ def _find_and_check(model: nn.Module, ep: int, fused: bool, quantize_dispatch: b
             "dequantized straight into the experts' padded layout by the fused dispatch"
         )
     from moeq.integrations import find_adapter  # local: the adapters import torchao
-    from moeq.parallel.hf_experts import check_hf_experts, find_hf_experts
+    from moeq.integrations.transformers.expert_parallel import check_hf_experts, find_hf_experts
 
     moes = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, MoE)]
     inside = {id(m.experts) for _, m in moes}
@@ -413,7 +414,7 @@ def apply_expert_parallel(
     model and before building the optimizer (expert parameters are replaced by DTensor
     parameters). For ``moeq.MoE`` layers ``moeq.convert_model`` may be called before or
     after; transformers 5.x experts modules (``@use_experts_implementation``) must be
-    converted first (any recipe, ``"bf16"`` included; see moeq/parallel/hf_experts.py):
+    converted first (any recipe, ``"bf16"`` included; see moeq/integrations/transformers/expert_parallel.py):
     their weights and per-expert biases are sharded and their converted forward sends the
     tokens through the dispatcher. Each EP rank
     keeps E/ep experts (global expert e on EP rank ``e // (E / ep)``); routers and

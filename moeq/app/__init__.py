@@ -1,0 +1,1 @@
+"""The ``moeq`` command line application: training, recipe comparison, checkpoints, data."""

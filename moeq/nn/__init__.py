@@ -1,0 +1,1 @@
+"""nn.Modules: the top-k router, ``GroupedExperts``, ``MoE`` and the demo transformer."""
