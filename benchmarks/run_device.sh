@@ -15,7 +15,7 @@ if [[ $STAGES == *bench* ]]; then
   timeout ${BENCH_S:-330} python3 benchmarks/experts.py --out $OUT 2>&1 | tee $OUT/experts_stdout.log | grep -v '^{' 
 fi
 if [[ $STAGES == *compare* ]]; then
-  timeout ${COMPARE_S:-200} python3 -m moeq.cli compare --out-dir $OUT/compare --no-progress --dim 512 --layers 6 --heads 8 \
+  timeout ${COMPARE_S:-200} python3 -m moeq.app.cli compare --out-dir $OUT/compare --no-progress --dim 512 --layers 6 --heads 8 \
     --experts 8 --expert-hidden 1024 --top-k 2 --batch-size 16 --seq-len 512 --steps ${COMPARE_STEPS:-300} --lr 1e-3 \
     2>&1 | tail -12 | tee $OUT/compare.log
 fi
