@@ -11,7 +11,21 @@ dominate; fewer layers than the real models):
   8 experts top-2, expert hidden 14336, 32 heads / 8 KV heads), 2 layers.
 * ``tiny_qwen3`` / ``tiny_mixtral``: CPU smoke-test sizes (hidden 512, 2 layers).
 
-torchtitan's qwen3 / deepseek_v3 at real widths are not in this script yet.
+torchtitan 0.3 models (``tt_*``: built as its trainer does, on meta then ``init_states``;
+SDPA attention; vocab cut to 32768; ``loss = cross_entropy(model(tokens))``):
+
+* ``tt_qwen3_30b_a3b``: torchtitan's qwen3 ``30B-A3B`` flavor (its widths: hidden 2048,
+  128 experts top-8, expert hidden 768, fused QKV), first 4 layers.
+* ``tt_deepseek_v3_16b``: deepseek_v3 ``16B`` (hidden 2048, 64 experts top-6 + 2 shared,
+  expert hidden 1408, MLA; layer 0 dense), first 3 layers.
+* ``tt_tiny_qwen3``: the ``debugmodel_moe`` flavor, 1 layer, expert hidden 64 (CPU smoke test).
+
+For them the variants are torchtitan's converters: ``bf16`` (stock), ``moeq-<recipe>``
+(``moeq.torchtitan.Converter``), ``+linears`` (and torchtitan's ``Float8LinearConverter``
+rowwise / ``MXFP8LinearConverter``, lm_head and router gates left out),
+``bf16+torchao-linears`` (``Float8LinearConverter`` alone), ``torchao-fp8-moe``
+(torchtitan's ``Float8GroupedExpertsConverter``, torchao's float8 MoE). On CPU the float8
+linear converter runs with ``emulate=True`` (torchao's tensorwise recipe, eager only).
 
 Variants (each in a fresh state: built from the same seed, memory freed after):
 
@@ -68,6 +82,12 @@ MODELS = {
                        heads=4, kv_heads=2, head_dim=128, vocab=256, seq=32),
     "tiny_mixtral": dict(family="mixtral", layers=1, hidden=512, experts=4, top_k=2, expert_hidden=64,
                          heads=4, kv_heads=2, head_dim=128, vocab=256, seq=32),
+    # torchtitan: (package, flavor, layers kept, vocab, sequence length)
+    "tt_qwen3_30b_a3b": dict(family="torchtitan", package="qwen3", flavor="30B-A3B", layers=4, vocab=32768, seq=4096),
+    "tt_deepseek_v3_16b": dict(family="torchtitan", package="deepseek_v3", flavor="16B", layers=3, vocab=32768,
+                               seq=4096),
+    "tt_tiny_qwen3": dict(family="torchtitan", package="qwen3", flavor="debugmodel_moe", layers=1, vocab=2048, seq=32,
+                          expert_hidden=64),
 }
 VARIANTS = ("bf16", "moeq-fp8", "moeq-fp8+linears", "moeq-mxfp8", "moeq-mxfp8+linears", "torchao-fp8-moe",
             "bf16+torchao-linears")
@@ -83,14 +103,16 @@ SWEEPS = {
         ("mixtral_8x7b", 8192, "compiled", ("bf16", "moeq-fp8", "moeq-fp8+linears", "moeq-mxfp8")),
         ("qwen3_30b_a3b", 32768, "compiled", ("bf16", "moeq-fp8", "moeq-fp8+linears", "moeq-mxfp8")),
         ("qwen3_30b_a3b", 8192, "eager", ("bf16", "moeq-fp8", "moeq-mxfp8")),
+        ("tt_qwen3_30b_a3b", 8192, "compiled", ("bf16", "moeq-fp8", "moeq-fp8+linears", "torchao-fp8-moe")),
+        ("tt_deepseek_v3_16b", 8192, "compiled", ("bf16", "moeq-fp8", "moeq-fp8+linears")),
     ],
     "short": [
         ("qwen3_30b_a3b", 8192, "compiled", ("bf16", "moeq-fp8", "moeq-fp8+linears", "moeq-mxfp8")),
     ],
     "tiny": [
-        ("tiny_qwen3", 64, "eager", ("bf16", "moeq-fp8", "moeq-fp8+linears", "moeq-mxfp8+linears",
-                                     "bf16+torchao-linears")),
+        ("tiny_qwen3", 64, "eager", ("bf16", "moeq-fp8+linears", "moeq-mxfp8+linears", "bf16+torchao-linears")),
         ("tiny_mixtral", 64, "eager", ("bf16", "moeq-mxfp8")),
+        ("tt_tiny_qwen3", 64, "eager", ("bf16", "moeq-fp8+linears")),
     ],
 }
 
@@ -142,6 +164,70 @@ def build_model(name: str, device: torch.device):
     return model
 
 
+def build_torchtitan(name: str, variant: str, device: torch.device, row: Row):
+    """A torchtitan model of MODELS[name] with ``variant``'s converters, built as its trainer
+    builds it (meta, ``to_empty``, ``init_states``; bf16 on GPU, float32 on CPU)."""
+    import importlib
+
+    from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention, VarlenAttention
+
+    m = MODELS[name]
+    registry = importlib.import_module(f"torchtitan.models.{m['package']}").model_registry
+    config = registry(m["flavor"], converters=_torchtitan_converters(variant, device)).model
+    for _, _, parent, attr in list(config.traverse((FlexAttention.Config, VarlenAttention.Config))):
+        setattr(parent, attr, ScaledDotProductAttention.Config())
+    config.layers = config.layers[: m["layers"]]
+    if "expert_hidden" in m:  # the CPU smoke size
+        from torchtitan.models.common.moe import GroupedExperts
+
+        for _, experts, _, _ in config.traverse(GroupedExperts.Config):
+            experts.hidden_dim = m["expert_hidden"]
+    config.vocab_size = m["vocab"]
+    config.tok_embeddings.num_embeddings = m["vocab"]
+    config.lm_head.out_features = m["vocab"]
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = config.build()
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_states()
+    model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    from moeq.converted import ConvertedExperts
+
+    row.converted_experts = sum(isinstance(x, ConvertedExperts) or "Float8" in type(x).__name__ and "Experts"
+                                in type(x).__name__ for x in model.modules())
+    row.converted_linears = sum(type(x).__name__ in ("Float8Linear", "MXFP8Linear") for x in model.modules())
+    return model
+
+
+def _torchtitan_converters(variant: str, device: torch.device) -> list:
+    import moeq.torchtitan as mt
+    from torchtitan.components.quantization import (
+        Float8GroupedExpertsConverter,
+        Float8LinearConverter,
+        MXFP8LinearConverter,
+    )
+
+    gpu = device.type == "cuda"
+    fp8_linears = Float8LinearConverter.Config(recipe_name="rowwise", filter_fqns=["lm_head", "router.gate"],
+                                               emulate=not gpu, model_compile_enabled=gpu)
+    if variant == "bf16":
+        return []
+    if variant == "bf16+torchao-linears":
+        return [fp8_linears]
+    if variant == "torchao-fp8-moe":
+        return [Float8GroupedExpertsConverter.Config(model_compile_enabled=True)]
+    if variant.startswith("moeq-"):
+        recipe = variant.split("-")[1].split("+")[0]
+        experts = mt.Converter.Config(recipe=recipe)
+        if "+linears" not in variant:
+            return [experts]
+        if recipe == "fp8":
+            return [fp8_linears, experts]
+        return [MXFP8LinearConverter.Config(fqns=["attention.", "feed_forward.", "shared_experts."]), experts]
+    raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
+
+
 def apply_variant(model, variant: str, row: Row) -> None:
     """Convert ``model`` in place as ``variant`` says; counts what was converted into ``row``."""
     import moeq
@@ -186,7 +272,7 @@ def _torchao_engaged(model, tokens) -> int:
     tao_tensor._quantize_then_scaled_grouped_mm = counting
     try:
         with torch.no_grad():
-            model(input_ids=tokens[:, :-1])
+            model(input_ids=tokens)
     finally:
         tao_tensor._quantize_then_scaled_grouped_mm = real
     return calls[0]
@@ -210,21 +296,35 @@ def run_one(model_name: str, tokens: int, mode: str, variant: str, args, device:
         seq = min(MODELS[model_name]["seq"], tokens)
         if tokens % seq:
             raise ValueError(f"tokens per step {tokens} is not a multiple of the sequence length {seq}")
-        model = build_model(model_name, device)
-        apply_variant(model, variant, row)
         gen = torch.Generator().manual_seed(1)
-        batch = torch.randint(2, MODELS[model_name]["vocab"], (tokens // seq, seq + 1), generator=gen).to(device)
-        if variant == "torchao-fp8-moe" and _torchao_engaged(model, batch) == 0:
-            raise RuntimeError("torchao's float8 MoE route did not engage: its weight wrapper intercepts "
-                               "torch._grouped_mm, and these transformers experts call another grouped GEMM")
+        torchtitan = MODELS[model_name]["family"] == "torchtitan"  # shifts by hand: one more token per row
+        batch = torch.randint(2, MODELS[model_name]["vocab"], (tokens // seq, seq + torchtitan), generator=gen)
+        batch = batch.to(device)
+        if torchtitan:
+            model = build_torchtitan(model_name, variant, device, row)
+            layers = list(model.layers.values())
+
+            def forward_loss():
+                logits = model(batch[:, :-1])
+                return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        else:
+            model = build_model(model_name, device)
+            apply_variant(model, variant, row)
+            layers = list(model.model.layers)
+            if variant == "torchao-fp8-moe" and _torchao_engaged(model, batch) == 0:
+                raise RuntimeError("torchao's float8 MoE route did not engage: its weight wrapper intercepts "
+                                   "torch._grouped_mm, and these transformers experts call another grouped GEMM")
+
+            def forward_loss():
+                return model(input_ids=batch, labels=batch).loss  # transformers shifts the labels itself
         if mode == "compiled":
-            for layer in model.model.layers:
+            for layer in layers:
                 layer.compile()
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=cuda)
         model.train()
 
         def step():
-            loss = model(input_ids=batch[:, :-1], labels=batch[:, 1:]).loss
+            loss = forward_loss()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -350,7 +450,7 @@ def markdown(rows: List[Row], env: dict, args) -> str:
         status = r.status if r.status == "ok" else f"{r.status}: {r.error}"
         lines.append(
             f"| {r.model} | {r.tokens} | {r.mode} | {r.variant} | {_fmt(r.ms_per_step, '.1f')} | "
-            f"{_fmt(r.tokens_per_s, ',.0f')} | {_fmt(r.vs_bf16, '.2f')}x | {_fmt(r.peak_gib, '.1f')} | {loss} | "
+            f"{_fmt(r.tokens_per_s, ',.0f')} | {_fmt(r.vs_bf16, '.2f')}{'x' if r.vs_bf16 is not None else ''} | {_fmt(r.peak_gib, '.1f')} | {loss} | "
             f"{_fmt(r.loss_vs_bf16, '+.4f')} | {_fmt(r.recompiles, 'd')} | {_fmt(r.graph_breaks, 'd')} | "
             f"{r.host_sync} | {r.converted_experts} / {r.converted_linears} | {status} |"
         )

@@ -48,13 +48,17 @@ def test_tiny_sweep_rows_and_outputs(tiny_run):
     assert by[("tiny_qwen3", "bf16")]["vs_bf16"] == 1.0
     assert by[("tiny_qwen3", "moeq-fp8+linears")]["converted_linears"] == 2  # q_proj, o_proj; k/v (512->256) are too small
     assert by[("tiny_qwen3", "moeq-fp8+linears")]["converted_experts"] == 1
-    assert by[("tiny_qwen3", "moeq-fp8")]["converted_linears"] == 0
+    assert by[("tiny_mixtral", "moeq-mxfp8")]["converted_linears"] == 0  # experts only
     assert by[("tiny_qwen3", "bf16+torchao-linears")]["converted_experts"] == 0
+    # torchtitan: its Float8LinearConverter took wqkv and wo (not lm_head, router.gate); moeq the experts
+    assert (by[("tt_tiny_qwen3", "moeq-fp8+linears")]["converted_linears"],
+            by[("tt_tiny_qwen3", "moeq-fp8+linears")]["converted_experts"]) == (2, 1)
     env = data["environment"]
     assert env["device"] == "cpu" and env["date"] and env["versions"]["torch"] and env["versions"]["torchao"]
     assert len(env["commit"]) == 40
     md = (out / "train_step_cpu.md").read_text()
-    assert md.count("| tiny_") == len(expected) and md in stdout
+    assert sum(line.startswith(("| tiny_", "| tt_tiny_")) for line in md.splitlines()) == len(expected)
+    assert md in stdout
     assert (out / "train_step_cpu.png").stat().st_size > 1000
 
 
