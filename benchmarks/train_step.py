@@ -42,8 +42,9 @@ step time over ``--steps`` steps after ``--warmup`` (CUDA events), tokens/s, pea
 ``torch.cuda.max_memory_allocated`` (model, optimizer and step), first and last loss,
 new dynamo graphs during the timed steps (recompiles), graph breaks, and whether one
 step does a host sync (``torch.cuda.set_sync_debug_mode("error")`` around one extra step).
-One run failing records its error and the sweep goes on; runs past ``--budget-s`` are
-recorded as skipped.
+One run failing records its error and the sweep goes on; runs that would start past
+``--budget-s`` (default 400 s on a GPU) are recorded as skipped: rerun those with
+``--models/--tokens/--modes/--variants`` in another call.
 
     python benchmarks/train_step.py --out DIR                    # the GPU sweep (see SWEEPS)
     python benchmarks/train_step.py --device cpu --tiny --out DIR  # CPU smoke test (seconds)
@@ -510,13 +511,17 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 8 on GPU, 2 with --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3 on GPU, 1 with --tiny)")
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--budget-s", type=float, default=float("inf"), help="skip the runs that would start after this")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="runs that would start later than this many seconds in are recorded as skipped "
+                        "(default 400 on a GPU, so one call ends inside ~8 minutes; none on CPU)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print each failing run's traceback")
     args = p.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (2 if args.tiny else 8)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    if args.budget_s is None:
+        args.budget_s = 400.0 if args.device.startswith("cuda") else float("inf")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("train_step.py: no CUDA GPU here: use --device cpu --tiny for the smoke test")
