@@ -52,6 +52,10 @@ def __getattr__(name):
         from moeq.convert import plan
 
         return plan
+    if name == "convert_linears":
+        from moeq.integrations.torchao.linears import convert_linears
+
+        return convert_linears
     if name == "apply_expert_parallel":
         from moeq.parallel import apply_expert_parallel
 
@@ -74,6 +78,7 @@ __all__ = [
     "TopKRouter",
     "apply_expert_parallel",
     "combine_token_groups",
+    "convert_linears",
     "convert_model",
     "fp32_linear",
     "group_alignment",

@@ -92,6 +92,7 @@ def convert_model(
     *,
     filter_fqns: FilterLike = None,
     kernel: str = "auto",
+    linears=False,
 ) -> nn.Module:
     """Swap every routed-experts module of ``model`` to the recipe's grouped GEMMs, in place.
 
@@ -112,11 +113,18 @@ def convert_model(
             quantization numerics, any device), ``"triton"`` (fused Hopper
             kernels; SM90 only), or a per-GEMM kernel from
             ``moeq.ops.registry.kernel_names()``.
+        linears: also put the dense ``nn.Linear`` layers (attention projections, shared
+            experts, dense MLPs) in the recipe, through torchao's own training linears:
+            False (default: experts only), True (moeq's default choice: no lm_head,
+            router gates, tied weights, odd dims, or linears too small to gain), or
+            ``f(fqn, module) -> bool`` among those the safety skips leave. See
+            ``moeq.integrations.torchao.linears.convert_linears``.
     Returns:
         ``model``, with ``model.moeq_converted_fqns`` listing the converted modules and
         ``model.moeq_plan`` (a ``ModelPlan``, what ``moeq.plan`` prints) their plans:
         every module keeps its own (``module.moeq_plan``), which its forward, backward
-        and the EP dispatch read.
+        and the EP dispatch read. When ``linears`` is not False, ``model.moeq_linears``
+        (a ``LinearsPlan``) names each linear's torchao class or skip reason.
     Raises:
         ValueError: unknown recipe or kernel, nothing matched, or a dim not divisible by
             the recipe's alignment (names the module, the dim and the multiple).
@@ -128,7 +136,15 @@ def convert_model(
             that can).
     """
     qtype, found = _find_for(model, recipe, kernel, filter_fqns, "convert_model")
+    if linears is not False:
+        from moeq.integrations.torchao.linears import plan_linears
+
+        plan_linears(model, qtype, linears, kernel=kernel)  # a bad ``linears`` fails before anything changes
     convert_found(model, found, qtype, kernel)
+    if linears is not False:
+        from moeq.integrations.torchao.linears import convert_linears
+
+        convert_linears(model, qtype, linears, kernel=kernel)
     return model
 
 

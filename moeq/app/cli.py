@@ -67,9 +67,25 @@ def _cmd_train(args) -> int:
     return 0
 
 
+# `moeq compare` on a GPU with no size flag: a model large enough for the recipes' speeds
+# to differ (expert GEMMs of 2048 x 1024, 8192 tokens/step; ~1.6B parameters).
+GPU_COMPARE_SIZES = {"--dim": ("dim", 2048), "--layers": ("layers", 4), "--heads": ("heads", 16),
+                     "--experts": ("experts", 64), "--top-k": ("top_k", 8), "--expert-hidden": ("expert_hidden", 1024),
+                     "--batch-size": ("batch_size", 8), "--seq-len": ("seq_len", 1024)}
+
+
 def _cmd_compare(args) -> int:
     from moeq.app.compare import compare_recipes
+    from moeq.app.train import resolve_device
 
+    if args.device != "cpu" and not (getattr(args, "given", set()) & set(GPU_COMPARE_SIZES)):
+        try:
+            on_gpu = resolve_device(args.device).type == "cuda"
+        except RuntimeError:
+            on_gpu = False  # a bad --device: check_config names it
+        if on_gpu:
+            for attr, value in GPU_COMPARE_SIZES.values():
+                setattr(args, attr, value)
     results = compare_recipes(_config(args), args.recipes, args.out_dir)
     print((open(os.path.join(args.out_dir, "results.md")).read()))
     print(f"loss curves: {os.path.join(args.out_dir, 'loss_curves.png')}")
@@ -167,6 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = argparse.Namespace(func=_cmd_bench, bench_args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
+        args.given = {a.split("=")[0] for a in argv if a.startswith("--")}  # the flags spelled out
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError, RuntimeError) as e:

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from moeq.app.train import TrainConfig, TrainResult, check_config, train
+from moeq.app.step_breakdown import CATEGORIES, StepBreakdown
+from moeq.app.train import TrainConfig, TrainResult, check_config, resolve_device, train
 
 
 def compare_recipes(base: TrainConfig, recipes: Sequence[str], out_dir: str) -> list[TrainResult]:
@@ -26,7 +27,8 @@ def compare_recipes(base: TrainConfig, recipes: Sequence[str], out_dir: str) -> 
     for cfg in configs:  # every config is checked before the first run starts
         check_config(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    results = [train(cfg) for cfg in configs]
+    # where each recipe's step time goes (eager only: compiled code would trace the hooks)
+    results = [train(cfg, breakdown=None if cfg.compile else StepBreakdown()) for cfg in configs]
     plot_loss_curves(results, out / "loss_curves.png", title=_title(base))
     (out / "results.md").write_text(results_table(results, base))
     (out / "results.json").write_text(
@@ -45,20 +47,52 @@ def _title(cfg: TrainConfig) -> str:
 
 def results_table(results: Sequence[TrainResult], cfg: TrainConfig) -> str:
     """Markdown table of final loss (mean of the last 10 steps), gap vs the first recipe,
-    tokens/s and peak memory."""
+    tokens/s, peak memory and where the step's time goes (experts, attention, optimizer,
+    other: % of the step, from ``TrainResult.time_breakdown``), under a line saying
+    whether the run is a speed comparison or a numerics demo (:func:`size_note`)."""
     base = results[0].final_loss
     lines = [
         f"{_title(cfg)}; device={cfg.device}, dtype={cfg.dtype}, kernel={cfg.kernel}",
         "",
-        "| recipe | final loss (last 10 steps) | vs first | tokens/s | peak memory (MB) |",
-        "|---|---|---|---|---|",
+        size_note(cfg),
+        "",
+        "| recipe | final loss (last 10 steps) | vs first | tokens/s | peak memory (MB) | "
+        + " | ".join(f"{c} %" for c in CATEGORIES) + " |",
+        "|---|---|---|---|---|" + "---|" * len(CATEGORIES),
     ]
     for r in results:
+        b = r.time_breakdown
+        shares = [f"{100 * b['fractions'][c]:.0f}" if b else "n/a" for c in CATEGORIES]
         lines.append(
             f"| {r.recipe} | {r.final_loss:.4f} | {r.final_loss - base:+.4f} | {r.tokens_per_s:,.0f} | "
-            f"{r.peak_memory_mb:,.0f} |"
+            f"{r.peak_memory_mb:,.0f} | " + " | ".join(shares) + " |"
         )
+    if any(r.time_breakdown is None for r in results):
+        lines.append("")
+        lines.append("n/a: the time breakdown needs eager mode (hooks around modules); run without --compile.")
     return "\n".join(lines) + "\n"
+
+
+# Below these expert GEMM sizes FP8's quantization passes cost about what its faster GEMMs
+# save, so the recipes' speeds cannot differ much (see docs/benchmarks.md).
+SPEED_MIN_DIM = 1024
+SPEED_MIN_TOKENS = 4096
+
+
+def size_note(cfg: TrainConfig) -> str:
+    """One sentence: is this run a speed comparison of the recipes, or a numerics demo?"""
+    m = cfg.model
+    tokens = cfg.batch_size * cfg.seq_len
+    if resolve_device(cfg.device).type != "cuda":
+        return ("Numerics demo: on CPU FP8/MXFP8 are emulated (no CPU has FP8 GEMMs), so they are slower than "
+                "bf16 by construction; compare the losses, not the speeds.")
+    if min(m.dim, m.expert_hidden_dim) < SPEED_MIN_DIM or tokens < SPEED_MIN_TOKENS:
+        return (f"Numerics demo: at dim {m.dim}, expert hidden {m.expert_hidden_dim} and {tokens} tokens/step the "
+                f"expert GEMMs are too small for FP8 to pay off (speed needs dim and expert hidden >= "
+                f"{SPEED_MIN_DIM} and >= {SPEED_MIN_TOKENS} tokens/step; `moeq compare` without size flags "
+                f"picks such a model on a GPU).")
+    return (f"Speed comparison: dim {m.dim}, expert hidden {m.expert_hidden_dim}, {m.num_experts} experts top-"
+            f"{m.top_k}, {tokens} tokens/step.")
 
 
 def plot_loss_curves(results: Sequence[TrainResult], path: Path, title: str = "") -> None:

@@ -64,6 +64,7 @@ class TrainResult:
     final_loss: float
     steps: int
     converted: list
+    time_breakdown: Optional[dict] = None  # moeq.app.step_breakdown.StepBreakdown.result(), when asked for
 
 
 class TrainingDiverged(RuntimeError):
@@ -238,7 +239,7 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, *, breakdown=None) -> TrainResult:
     """Train the demo model for ``cfg.steps`` steps and return the loss curve.
 
     With ``cfg.out_dir`` set, writes ``checkpoint.pt`` (model, optimizer, step, losses,
@@ -254,6 +255,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         FileNotFoundError: ``--resume`` without a checkpoint.
         TrainingDiverged: the loss or the gradient became NaN/Inf (the message has the
             step and the last good loss; checkpoints written before stay as they are).
+
+    ``breakdown``: a ``moeq.app.step_breakdown.StepBreakdown`` to attach to the model and
+    optimizer (eager mode); its result goes into ``TrainResult.time_breakdown``.
     """
     check_config(cfg)
     device = resolve_device(cfg.device)
@@ -265,6 +269,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     step_fn = torch.compile(model.loss) if cfg.compile else model.loss
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     data = files_corpus(cfg.data) if cfg.data else stdlib_corpus()
+    if breakdown is not None:
+        breakdown.attach(model, opt, device)
 
     start, losses, horizon = 0, [], cfg.steps
     if state is not None:
@@ -312,7 +318,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         final_loss=sum(losses[-10:]) / max(len(losses[-10:]), 1),
         steps=len(losses),
         converted=converted,
+        time_breakdown=None if breakdown is None else breakdown.result(),
     )
+    if breakdown is not None:
+        breakdown.detach()
     if ckpt_path:
         _save(ckpt_path, model, opt, len(losses), losses, cfg, horizon)
         (ckpt_path.parent / "metrics.json").write_text(json.dumps(asdict(result), indent=1))
