@@ -164,15 +164,16 @@ def _check_weight_copies_once_per_step() -> None:
         fn = torch.compile(block, fullgraph=True, backend="aot_eager") if compiled else block
         opt = torch.optim.SGD([w13, w2], lr=0.5)
         for step in range(2):
-            for _ in range(3):  # gradient-accumulation micro-batches
-                fn(tokens, ids, weights, w13, w2, copies).backward(gout)
+            for mb in range(3):  # gradient-accumulation micro-batches
+                t_leaf = tokens.clone().requires_grad_()
+                y = fn(t_leaf, ids, weights, w13, w2, copies)
+                y.backward(gout)
+                if mb == 0:  # bitwise the results of quantizing in the call (on copies of the weights)
+                    ref = _run(fp8_flow_routed_swiglu_experts, tokens, ids, weights, w13.detach(), w2.detach(), gout,
+                               precisions=prec)
+                    for a, b in zip((y.detach(), t_leaf.grad, w13.grad, w2.grad), (ref[0], ref[1], ref[3], ref[4])):
+                        assert torch.equal(a, b), compiled
             assert copies.quantize_count == step + 1, (compiled, step, copies.quantize_count)
-            # same result as quantizing in the call
-            ref = _run(fp8_flow_routed_swiglu_experts, tokens, ids, weights, w13.detach(), w2.detach(), gout,
-                       precisions=prec)
-            got = _run(lambda *a, **k: fn(*a, copies, **k), tokens, ids, weights, w13.detach(), w2.detach(), gout)
-            for a, b in zip(got, ref):
-                assert torch.equal(a, b), compiled
             opt.step()
             opt.zero_grad()
         count = copies.quantize_count
@@ -302,3 +303,79 @@ def test_weight_copies_reject_other_shapes():
     c = Fp8WeightCopies(torch.zeros(2, 32, 16), torch.zeros(2, 16, 16))
     with pytest.raises(ValueError, match="made for weights"):
         c.refresh(torch.zeros(2, 64, 16), torch.zeros(2, 16, 32))
+
+
+# ------------------------------------------------------------------ GPU (Hopper)
+
+_hopper = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="needs a Hopper (SM90) GPU"
+)
+
+
+@pytest.mark.gpu
+@_hopper
+def test_gpu_kernels_match_references():
+    """The hardware-cast kernels bitwise against the CPU references."""
+    from moeq.kernels import fp8_flow as ff
+    from moeq.padding import permute_and_pad
+
+    gen = torch.Generator().manual_seed(1)
+    tok = torch.randn(1000, 512, generator=gen).bfloat16()
+    tok[7, 3] = 3e4
+    ids = _routing(gen, 1000, 8, 2, "random")
+    _, _, lay = permute_and_pad(tok, ids, 8, 16)
+    row, inv = ff.gather_quantize_rows(tok.cuda(), lay.source_rows.cuda(), 2)
+    r_ref, i_ref = ff.gather_quantize_rows_reference(tok, lay.source_rows, 2)
+    assert torch.equal(_bits(row.cpu()), _bits(r_ref)) and torch.equal(inv.cpu(), i_ref)
+    col, cinv = ff.columns_from_rows(row, inv, lay.padded_offsets.cuda())
+    c_ref, ci_ref = ff.columns_from_rows_reference(r_ref, i_ref, lay.padded_offsets)
+    m = row.shape[0]
+    assert torch.equal(_bits(col[:, :m].cpu()), _bits(c_ref)) and torch.equal(cinv.cpu(), ci_ref)
+
+
+@pytest.mark.gpu
+@_hopper
+def test_gpu_flow_block():
+    """The dataflow block on the GPU: vs today's block and float64 for the precision
+    choices, torch.compile(fullgraph=True) == eager, no host sync, weight copies once per
+    step under inductor."""
+    from moeq.quant.fp8_flow import Fp8WeightCopies, GemmPrecisions, fp8_flow_routed_swiglu_experts
+    from moeq.quant.fp8_hopper import fp8_routed_swiglu_experts
+    from tests.test_fp8_hopper import _routed_float64_reference
+
+    case = _case(11, "random", tokens_n=512, num_experts=8, d=256, hdim=128, k=2)
+    cuda = [t.cuda() for t in case]
+    exact = _routed_float64_reference(*[t.detach() for t in case[:5]], case[5])
+    today = [t.cpu() for t in _run(fp8_routed_swiglu_experts, *cuda)]
+    for prec in (GemmPrecisions(), GemmPrecisions(wgrad_gate_up="bf16", wgrad_down="bf16", dgrad_h="bf16")):
+        got = [t.cpu() for t in _run(fp8_flow_routed_swiglu_experts, *cuda, precisions=prec)]
+        for a, b, r in zip(got, today, exact):
+            assert _rel(a, r) < FP8_ERROR_BOUND and _rel(a, r) <= 1.1 * _rel(b, r) + 2e-3
+        if prec == GemmPrecisions():
+            assert torch.equal(got[0], today[0]) and torch.equal(got[4], today[4])
+        torch._dynamo.reset()
+        comp = [t.cpu() for t in _run(torch.compile(fp8_flow_routed_swiglu_experts, fullgraph=True), *cuda,
+                                      precisions=prec)]
+        for a, b in zip(got, comp):
+            assert torch.equal(a, b)
+    w13 = torch.nn.Parameter(cuda[3].clone())
+    w2 = torch.nn.Parameter(cuda[4].clone())
+    copies = Fp8WeightCopies(w13, w2)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t, i, w, a, b: fp8_flow_routed_swiglu_experts(t, i, w, a, b, weight_copies=copies),
+                       fullgraph=True)
+    opt = torch.optim.SGD([w13, w2], lr=0.1)
+    for step in range(2):
+        for _ in range(2):
+            fn(cuda[0], cuda[1], cuda[2], w13, w2).backward(cuda[5])
+        assert copies.quantize_count == step + 1
+        opt.step()
+        opt.zero_grad()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        leaves = [t.clone().requires_grad_() for t in (cuda[0], cuda[2])]
+        fp8_flow_routed_swiglu_experts(leaves[0], cuda[1], leaves[1], w13, w2, weight_copies=copies).backward(cuda[5])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()

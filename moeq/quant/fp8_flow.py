@@ -288,7 +288,9 @@ class _Fp8FlowRoutedExperts(torch.autograd.Function):
         h_col_inv = hq.col_inv if fp8_wd else empty32
         # the weights' input-gradient copies: kept (they live anyway) or made in backward
         wcols = (wgu_col, wgu_col_inv, wd_col, wd_col_inv) if have_copies else ()
-        ctx.save_for_backward(tokens, row_weights, gate_up_proj, down_proj, source_rows, dest_rows, offs, gate_up,
+        # the input tokens only for a BF16 gate_up weight gradient (x re-gathered in bf16)
+        saved_tokens = tokens if need_gu and not fp8_wgu else tokens.new_empty((0,))
+        ctx.save_for_backward(saved_tokens, row_weights, gate_up_proj, down_proj, source_rows, dest_rows, offs, gate_up,
                               x_col, x_col_inv, h_col, h_col_inv, *wcols)
         return y
 
@@ -350,7 +352,7 @@ class _Fp8FlowRoutedExperts(torch.autograd.Function):
                 else:
                     x_bf16 = _as_bf16(_f.gather_rows_reference(tokens, source_rows, ctx.top_k))
                     grad_gu = _cast(_bf16_gmm(dgu_bf16.t(), x_bf16, offs), ctx.weight_dtypes[0])  # (E, 2H, D)
-        grad_tok = None if grad_tok is None else _cast(grad_tok, tokens.dtype)
+        grad_tok = None if grad_tok is None else _cast(grad_tok, torch.bfloat16)
         n_copies = 8 if ctx.have_copies else 0
         return (grad_tok, grad_w, grad_gu, grad_down, None, None, None, None, None, None, *([None] * n_copies))
 
