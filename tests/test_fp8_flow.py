@@ -223,7 +223,7 @@ def _check_saved_bytes_vs_bf16() -> None:
     from moeq.quant.fp8_hopper import fp8_routed_swiglu_experts
     from moeq.recipes import QuantizationType
 
-    tokens, ids, weights, gate_up, down, _ = _case(6, "random", tokens_n=256, num_experts=4, d=64, hdim=128, k=2)
+    tokens, ids, weights, gate_up, down, _ = _case(6, "random", tokens_n=96, num_experts=4, d=128, hdim=32, k=2)
     leaves = [t.clone().requires_grad_() for t in (tokens, weights, gate_up, down)]
     leaf_ptrs = {t.untyped_storage().data_ptr() for t in leaves}
 
@@ -248,7 +248,9 @@ def _check_saved_bytes_vs_bf16() -> None:
     print(f"saved for backward: bf16 {bf16}, fp8 today {today}, fp8 flow {flow} ({flow / bf16:.2f}x), "
           f"flow with bf16 wgrads {flow_bf16_wgrad} ({flow_bf16_wgrad / bf16:.2f}x)")
     assert flow <= today, "the dataflow keeps no more than today's block"
-    assert flow <= 0.5 * bf16 and flow_bf16_wgrad <= 0.5 * bf16
+    # at this shape (D = 4H) the FP8 copies keep 0.55x of BF16's bytes, 0.25x with BF16 weight
+    # gradients (only gate_up): the ratio falls with D / H (Qwen3-30B-A3B: 0.43x on the H200)
+    assert flow <= 0.6 * bf16 and flow_bf16_wgrad <= 0.3 * bf16
     assert flow_bf16_wgrad < flow, "BF16 weight gradients need neither FP8 column copy"
 
 
