@@ -17,7 +17,7 @@ rows, routing-weight gradient from the SwiGLU backward pass), with this dataflow
   shape and device (:func:`choose_gemm_precisions`); the column copies those FP8 GEMMs
   would need are then not made, and only what the BF16 GEMM needs is kept (nothing more
   than the FP8 path keeps: the BF16 operands are rebuilt in the backward from the saved
-  gate_up and the input tokens).
+  gate_up and the input tokens, in bf16 ops without float32 (M, H) temporaries).
 * **weight copies once per optimizer step** (:class:`Fp8WeightCopies`): both orientations
   of both weights are kept across micro-batches and refreshed only when a weight changed,
   eager and under ``torch.compile`` (see the class).
@@ -26,8 +26,8 @@ rows, routing-weight gradient from the SwiGLU backward pass), with this dataflow
 
 Numerics relative to today's block: identical except (a) the x column copy carries the
 row copy's rounding (see kernels/fp8_flow.py; measured in tests/test_fp8_flow.py), and (b)
-GEMMs chosen BF16 run on bf16 operands (d gate_up and the weighted grad_y rounded to bf16,
-h recomputed in float32 and rounded to bf16), i.e. BF16 numerics for that GEMM.
+GEMMs chosen BF16 run on bf16 operands computed in bf16 ops as the BF16 recipe computes them
+(h = silu(g)*u times the routing weight, d gate_up), i.e. BF16 numerics for that GEMM.
 """
 from __future__ import annotations
 
@@ -256,6 +256,23 @@ def _as_bf16(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.bfloat16 else t.to(torch.bfloat16)
 
 
+def _swiglu_bf16(gate_up: torch.Tensor) -> torch.Tensor:
+    """h = silu(gate) * up (M, H) in bf16 ops (no float32 (M, H) temporaries)."""
+    hdim = gate_up.shape[1] // 2
+    return torch.nn.functional.silu(gate_up[:, :hdim]) * gate_up[:, hdim:]
+
+
+def _swiglu_backward_bf16(gate_up: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
+    """(M, 2H) gradient of silu(gate) * up w.r.t. gate_up given grad_h (M, H), in bf16 ops."""
+    hdim = gate_up.shape[1] // 2
+    g, u = gate_up[:, :hdim], gate_up[:, hdim:]
+    sig = torch.sigmoid(g)
+    out = torch.empty_like(gate_up)
+    torch.mul(grad_h * u, sig * (1 + g * (1 - sig)), out=out[:, :hdim])
+    torch.mul(grad_h, g * sig, out=out[:, hdim:])
+    return out
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -317,10 +334,11 @@ class _Fp8FlowRoutedExperts(torch.autograd.Function):
             if fp8_wd:
                 grad_down = _h._wgrad(gq.col, h_col, gq.col_inv, h_col_inv, offs, ctx.weight_dtypes[1])
             else:
-                h_bf16 = _k.swiglu_reference(gate_up).to(torch.bfloat16)
-                gy_w = (grad_y.float() * w[:, None]).to(torch.bfloat16)
-                grad_down = _cast(_bf16_gmm(gy_w.t(), h_bf16, offs), ctx.weight_dtypes[1])  # (E, D, H)
-                del h_bf16, gy_w
+                # sum over rows of (w g)^T h = g^T (w h): the routing weight rides on h (H < D
+                # columns), computed in bf16 ops as the BF16 recipe computes h
+                hw = _swiglu_bf16(gate_up) * w.to(torch.bfloat16)[:, None]
+                grad_down = _cast(_bf16_gmm(grad_y.t(), hw, offs), ctx.weight_dtypes[1])  # (E, D, H)
+                del hw
         gq_row, gq_row_inv = gq.row, gq.row_inv
         del gq, h_col
         if need_h:
@@ -334,7 +352,7 @@ class _Fp8FlowRoutedExperts(torch.autograd.Function):
             del gq_row, gq_row_inv
             dgu_bf16 = None
             if need_gu and not fp8_wgu:
-                dgu_bf16 = _k.swiglu_backward_reference(gate_up, grad_h.float() * w[:, None]).to(torch.bfloat16)
+                dgu_bf16 = _swiglu_backward_bf16(gate_up, grad_h * w.to(torch.bfloat16)[:, None])
             ggq, dw = _s.swiglu_backward_quantize_strips(gate_up, grad_h, offs, row_weights=w, colwise=fp8_wgu)
             del grad_h
             grad_w = dw if need_w else None
