@@ -36,6 +36,7 @@ SHAPES = {  # name: (E, D, H, tokens T, top-k); routed rows M = T * k as in expe
     "mixtral_8x7b": (8, 4096, 14336, 8192, 2),
     "qwen3_30b_a3b": (128, 2048, 768, 8192, 8),
     "dsv3_ep8_local": (32, 7168, 2048, 4096, 8),
+    "qwen3_ep8_local": (16, 2048, 768, 8192, 8),
     "tiny": (4, 64, 64, 64, 2),
 }
 
@@ -128,11 +129,54 @@ def make_torchao_layer(kind):
     return make_grouped(inner, group_alignment(kind))
 
 
+def make_fp8_today():
+    """Today's FP8 routed block (moeq/quant/fp8_hopper.py), called directly: weights quantized per call."""
+    from moeq.ops.fp8_hopper import fp8_routed_swiglu_experts
+
+    return fp8_routed_swiglu_experts
+
+
+def make_fp8_flow(precisions=None, cached=False):
+    """The quantize-once dataflow (moeq/quant/fp8_flow.py). ``precisions``: None = the
+    rule's choice for the shape and device, else a dict of GemmPrecisions fields.
+    Weight copies live in an Fp8WeightCopies; ``cached=False`` invalidates them before
+    every call (one micro-batch per optimizer step: the copies are made in the timed
+    step, as an optimizer step would force), ``cached=True`` keeps them (micro-batches
+    2..N of a gradient-accumulation step)."""
+    from moeq.ops.fp8_flow import Fp8WeightCopies, GemmPrecisions, fp8_flow_routed_swiglu_experts
+
+    state = {}
+
+    def fn(tokens, ids, weights, w13, w2):
+        if "copies" not in state:
+            state["copies"] = Fp8WeightCopies(w13, w2)
+        copies = state["copies"]
+        if not cached:
+            copies.state[:4] = -1  # as after an optimizer step: the next refresh re-quantizes
+        prec = None if precisions is None else GemmPrecisions(**precisions)
+        return fp8_flow_routed_swiglu_experts(tokens, ids, weights, w13, w2, precisions=prec, weight_copies=copies)
+
+    def prepare(w13, w2):
+        # the copies are persistent state (like optimizer state): allocated before the
+        # peak-memory window, reported separately as weight_copies_mib
+        state.setdefault("copies", Fp8WeightCopies(w13, w2))
+
+    fn.state, fn.prepare = state, prepare
+    return fn
+
+
+FLOW = "moeq fp8 flow (rule's precisions)"
 VARIANTS = {
     "bf16 grouped_mm (3 GEMMs)": make_bf16_three_gemms,
     "moeq bf16": lambda: make_moeq("bf16"),
     "torchao fp8 rowwise compiled": lambda: compiled(make_torchao_layer("fp8")),
     "moeq fp8": lambda: make_moeq("fp8"),
+    "moeq fp8 today's block": make_fp8_today,
+    FLOW: make_fp8_flow,
+    "moeq fp8 flow all-FP8": lambda: make_fp8_flow({}),
+    "moeq fp8 flow wgrads in BF16": lambda: make_fp8_flow({"wgrad_gate_up": "bf16", "wgrad_down": "bf16"}),
+    "moeq fp8 flow wgrad_down in BF16": lambda: make_fp8_flow({"wgrad_down": "bf16"}),
+    "moeq fp8 flow, weights cached (micro-batch 2..N)": lambda: make_fp8_flow(None, cached=True),
     "torchao mxfp8 emulated": lambda: make_torchao_layer("mxfp8"),
     "moeq mxfp8, permute then experts": make_mxfp8_unfused,
     "moeq mxfp8 (routed: gather fused into fake-quant)": lambda: make_moeq("mxfp8"),
@@ -157,6 +201,83 @@ def saved_bytes(fn, leaves, *args):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args)
     return sum(seen.values()), out
+
+
+_KERNEL_GROUPS = (  # profiler kernel name -> stage of the FP8 blocks
+    ("GEMMs", ("grouped_mm_kernel", "grouped_mm_wgrad", "gemm", "cutlass", "sm90", "xmma", "nvjet", "wgmma")),
+    ("FP8 copies (strips)", ("_row_strip_kernel", "_col_strip_kernel", "_cast_kernel", "_amax_kernel")),
+    ("permute+quantize", ("_gather_quant_rows_kernel",)),
+    ("permute / combine / route", ("permute", "combine", "route", "pad_rows", "unpad", "gather", "scatter", "index")),
+)
+
+
+def kernel_breakdown(step, dev):
+    """One profiled step: ms of GPU kernel time per stage (``_KERNEL_GROUPS`` by kernel
+    name; "other" for the rest: elementwise, memsets, copies), their sum (the step's
+    time minus it is launch gaps and host time) and the step's kernel count."""
+    if dev != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    out, n = {}, 0
+    for ev in prof.events():  # device-side kernel events only (CPU ops would count their kernels twice)
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = getattr(ev, "device_time_total", None)
+        t = ev.cuda_time_total if t is None else t
+        group = next((g for g, keys in _KERNEL_GROUPS if any(k in ev.key for k in keys)), "other")
+        out[group] = out.get(group, 0.0) + t / 1e3
+        n += 1
+    out["sum of kernels"] = sum(v for v in out.values())
+    out["kernels"] = n
+    return out
+
+
+def flow_stage_times(tokens, ids, weights, w13, w2, dev):
+    """Each quantization stage of the FP8 dataflow alone (do_bench median ms) on this
+    shape's data: the weight copies (both orientations of both weights), the permute that
+    writes x's FP8 row copy, the scaling-aware transpose (x's column copy), the SwiGLU
+    forward copies, grad_y's copies, the SwiGLU backward copies, and today's permute +
+    x strips for comparison."""
+    if dev != "cuda":
+        return None
+    from moeq.kernels import fp8_flow as ff
+    from moeq.kernels import fp8_strips as fs
+    from moeq.kernels.fp8_rowwise import ALIGN
+    from moeq.ops.padding import permute_and_pad, route_tokens
+    from moeq.ops.fp8_flow import Fp8WeightCopies
+
+    copies = Fp8WeightCopies(w13, w2)
+
+    def refresh():
+        copies.state[:4] = -1
+        copies.refresh(w13, w2)
+
+    lay = route_tokens(ids, w13.shape[0], ALIGN)
+    offs = lay.padded_offsets
+    t = tokens.detach()
+    row, inv = ff.gather_quantize_rows(t, lay.source_rows, lay.top_k)
+    m = row.shape[0]
+    gate_up = torch.randn(m, w13.shape[1], device=dev, dtype=torch.bfloat16)
+    grad_y = torch.randn(m, w2.shape[1], device=dev, dtype=torch.bfloat16)
+    grad_h = torch.randn(m, w2.shape[2], device=dev, dtype=torch.bfloat16)
+    rw = torch.rand(m, device=dev)
+    stages = {
+        "weight copies (refresh)": refresh,
+        "permute + x row copy": lambda: ff.gather_quantize_rows(t, lay.source_rows, lay.top_k),
+        "x column copy (scaling-aware transpose)": lambda: ff.columns_from_rows(row, inv, offs),
+        "swiglu fwd copies": lambda: fs.swiglu_quantize_strips(gate_up, offs),
+        "grad_y copies": lambda: fs.quantize_dual_strips(grad_y, offs, row_weights=rw, weight_col_copy=True),
+        "swiglu bwd copies": lambda: fs.swiglu_backward_quantize_strips(gate_up, grad_h, offs, row_weights=rw),
+        "today: permute_and_pad + x strips": lambda: fs.quantize_dual_strips(
+            permute_and_pad(t, ids, w13.shape[0], ALIGN)[0], offs),
+    }
+    return {k: _bench(f, dev, 10, 50) for k, f in stages.items()}
 
 
 def run_shape(name, shape, variants, seed, log, dev, tune=False):
@@ -193,6 +314,8 @@ def run_shape(name, shape, variants, seed, log, dev, tune=False):
             fn = VARIANTS[vname]()
             for t in leaves:
                 t.grad = None
+            if hasattr(fn, "prepare"):
+                fn.prepare(w13, w2)
             if dev == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -220,6 +343,16 @@ def run_shape(name, shape, variants, seed, log, dev, tune=False):
 
             row["ms"] = _bench(step, dev, 25, 150)
             row["ms_repeat"] = _bench(step, dev, 5, 100)
+            if "fp8" in vname and "torchao" not in vname:
+                row["kernel_breakdown_ms"] = kernel_breakdown(step, dev)
+            if vname == FLOW:
+                from moeq.ops.padding import padded_rows
+                from moeq.ops.fp8_flow import choose_gemm_precisions
+
+                prec = choose_gemm_precisions(tokens.device, E, padded_rows(T * k, E, 16), D, H)
+                row["precisions"] = {f: getattr(prec, f) for f in prec.__dataclass_fields__}
+                row["weight_copies_mib"] = fn.state["copies"].nbytes / 2**20
+                row["stage_ms"] = flow_stage_times(tokens, ids, weights, w13, w2, dev)
         except Exception as e:  # reported, not hidden
             row["error"] = f"{type(e).__name__}: {str(e)[:240]}"
             log.write(traceback.format_exc())
@@ -273,6 +406,37 @@ def main(argv=None):
     import functools
 
     run_and_write(args, "moe_layer", functools.partial(run_shape, tune=args.tune_fp8_strips), SHAPES, markdown)
+    _stamp_json(args)
+
+
+def _stamp_json(args):
+    """Add the git commit, date and device to the JSON run_and_write wrote, and print the
+    FP8 blocks' per-stage breakdowns."""
+    import datetime
+    import subprocess
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    path = os.path.join(args.out, f"moe_layer_{device.replace('NVIDIA ', '').split()[0].lower()}.json")
+    with open(path) as fh:
+        data = json.load(fh)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True).stdout.strip())
+    except OSError:
+        commit, dirty = "unknown", None
+    data.update(git_commit=commit, git_dirty=dirty, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                device=device, capability=list(torch.cuda.get_device_capability()) if args.device == "cuda" else None)
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1)
+    for r in data["rows"]:
+        for key in ("kernel_breakdown_ms", "stage_ms", "precisions"):
+            if r.get(key):
+                print(f"# {r['shape']} | {r['variant']} | {key}: "
+                      f"{json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r[key].items()})}")
+        if r.get("weight_copies_mib") is not None:
+            print(f"# {r['shape']} | {r['variant']} | weight copies kept: {r['weight_copies_mib']:.1f} MiB")
 
 
 if __name__ == "__main__":

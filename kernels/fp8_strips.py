@@ -286,8 +286,11 @@ def row_tile(kc: int, budget: int):
 def _dual_quantize_strips_impl(mode: int, src: torch.Tensor, aux: Optional[torch.Tensor], offs: Optional[torch.Tensor],
                                num_groups: int, want_row: bool, want_col: bool, *, tiles=None,
                                row_weights: Optional[torch.Tensor] = None, weight_row_copy: bool = False,
-                               weight_col_copy: bool = False, want_dw: bool = False):
+                               weight_col_copy: bool = False, want_dw: bool = False, out=None):
     """The strip passes; same arguments and results as ``dual_quantize_impl``, plus:
+
+    out: optional preallocated (row, row_inv, col, col_inv) written in place (shapes and
+    dtypes as allocated here; a weight's copies kept across steps are refreshed this way).
 
     row_weights: (M,) float32 per-row routing weights; ``weight_row_copy`` /
     ``weight_col_copy`` say which copy sees the source (MODE_PLAIN) or grad_h
@@ -310,8 +313,18 @@ def _dual_quantize_strips_impl(mode: int, src: torch.Tensor, aux: Optional[torch
         return (*dual_quantize_impl(mode, src, aux, offs, num_groups, want_row, want_col), dw)
     if want_dw and not (mode == MODE_SWIGLU_BWD and want_row):
         raise ValueError("want_dw needs MODE_SWIGLU_BWD and the row copy")
-    row, row_inv, col, col_inv, (group_rows, stride_cg, stride_ck) = alloc_dual_outputs(m, ko, e, weight, want_row,
-                                                                                       want_col, dev)
+    if out is None:
+        row, row_inv, col, col_inv, (group_rows, stride_cg, stride_ck) = alloc_dual_outputs(m, ko, e, weight, want_row,
+                                                                                           want_col, dev)
+    else:
+        # the shapes alloc_dual_outputs would give, checked without allocating them
+        metas = alloc_dual_outputs(m, ko, e, weight, want_row, want_col, "meta")
+        for got, want in zip(out, metas[:4]):
+            if got.shape != want.shape or got.dtype != want.dtype or not got.is_contiguous() or got.device != dev:
+                raise ValueError(f"out tensor {got.dtype} {tuple(got.shape)} on {got.device} must be a contiguous "
+                                 f"{want.dtype} {tuple(want.shape)} on {dev}")
+        row, row_inv, col, col_inv = out
+        group_rows, stride_cg, stride_ck = metas[4]
     ok = torch.ones((1,), dtype=torch.int32, device=dev) if weight else torch.empty((1,), dtype=torch.int32, device=dev)
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     (budget, wr), col_tiles = tiles or (_INTERPRETER_STRIPS if interp else STRIP_CONFIGS[tile_key(mode, weight)])
